@@ -14,7 +14,9 @@ LOAD_ERROR: str | None = None
 try:
     import torch  # noqa: F401  (registers the dispatcher before the ops library loads)
 
-    from unlearn_fast import _C  # noqa: F401
+    import importlib
+
+    importlib.import_module("unlearn_fast._C")
 
     HAS_C = True
     HAS_C_CUDA = bool(getattr(torch.ops.unlearn_fast, "has_cuda", None) and torch.ops.unlearn_fast.has_cuda())

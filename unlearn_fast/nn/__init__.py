@@ -1,0 +1,3 @@
+"""WF layers and model wrapping (DESIGN §3)."""
+from unlearn_fast.nn.wf_layers import GateContext, WFConv2d, WFLinear  # noqa: F401
+from unlearn_fast.nn.wrap import WFModel, bake, compose, wrap  # noqa: F401

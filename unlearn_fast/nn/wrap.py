@@ -1,0 +1,172 @@
+"""Wrap a classifier into a WF-Net (WF-Net Sec. 3.3) and export forgotten models from it.
+
+* :func:`wrap` gates every ``nn.Conv2d`` (kernel and bias) and every ViT/Swin ``qkv`` projection.
+* :func:`bake` returns a plain model (same class as the original) whose weights carry one class's
+  gate: ``W <- g ⊙ W``, ``b <- gb ⊙ b`` per output channel. It equals ``WFModel(x, c)`` exactly in
+  exact arithmetic; it is the deployable artefact and what representation metrics must be run on.
+* :func:`compose` (experimental) forgets a *set* of classes at once by multiplying their gates
+  elementwise, ``g = Π_c sigmoid(alpha[c])``: a filter closed by any of the classes stays closed.
+  WF-Net trains each row for one class alone, so the composed gate is not what any row was trained
+  for; retain accuracy typically drops with each added class. Measure before you deploy it.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from unlearn_fast.nn.wf_layers import GateContext, WFConv2d, WFLinear, _WFLayer
+
+__all__ = ["WFModel", "wrap", "bake", "compose", "is_gated_linear"]
+
+
+def is_gated_linear(name: str, module: nn.Module) -> bool:
+    """The linear layers WF gates: attention ``qkv`` projections (timm ViT / Swin naming)."""
+    return isinstance(module, nn.Linear) and name.split(".")[-1] == "qkv"
+
+
+class WFModel(nn.Module):
+    """A classifier with WF gates. ``forward(x [B,...], forget_labels [B] | None) -> logits``.
+
+    ``forget_labels=None`` runs the original model exactly; otherwise sample ``i`` is computed with
+    gate row ``forget_labels[i]`` (any mix of labels in one batch). Only the alphas are trainable;
+    :meth:`train` keeps the wrapped model in eval mode (BatchNorm statistics and dropout frozen).
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, alpha_init: float = 3.0) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.alpha_init = float(alpha_init)
+        self._ctx = GateContext()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        targets = [(n, m) for n, m in model.named_modules()
+                   if isinstance(m, nn.Conv2d) or is_gated_linear(n, m)]
+        if not targets:
+            raise ValueError("wrap(): the model has no nn.Conv2d and no attention qkv nn.Linear to gate")
+        for name, m in targets:
+            layer = (WFConv2d(m, num_classes, self._ctx, alpha_init) if isinstance(m, nn.Conv2d)
+                     else WFLinear(m, num_classes, self._ctx, alpha_init))
+            _set_submodule(model, name, layer)
+        self.model = model
+        self.model.eval()
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: Tensor, forget_labels: Tensor | None = None) -> Tensor:
+        if forget_labels is not None:
+            forget_labels = torch.as_tensor(forget_labels, device=x.device)
+            if forget_labels.dim() == 0:
+                forget_labels = forget_labels.expand(x.shape[0])
+            forget_labels = forget_labels.long()
+        self._ctx.labels = forget_labels
+        try:
+            return self.model(x)
+        finally:
+            self._ctx.labels = None
+
+    def train(self, mode: bool = True) -> "WFModel":
+        # The original network stays in eval mode: BN statistics and dropout are part of the
+        # frozen original model (DESIGN §3); only the alphas learn.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # -- alphas ----------------------------------------------------------------------------
+    def wf_layers(self) -> Iterator[tuple[str, _WFLayer]]:
+        for name, m in self.model.named_modules():
+            if isinstance(m, _WFLayer):
+                yield name, m
+
+    def alpha_parameters(self) -> list[nn.Parameter]:
+        return [a for _, layer in self.wf_layers() for a in layer.alphas()]
+
+    def alpha_state_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.endswith(("alpha_w", "alpha_b"))}
+
+    @torch.no_grad()
+    def clip_alphas(self, lo: float = -3.0, hi: float = 3.0) -> None:
+        for a in self.alpha_parameters():
+            a.clamp_(lo, hi)
+
+    @torch.no_grad()
+    def reset_alphas(self, value: float | None = None) -> None:
+        for a in self.alpha_parameters():
+            a.fill_(self.alpha_init if value is None else value)
+
+    def regularizer(self) -> Tensor:
+        """R(1 - alpha) of WF Alg. 2: mean of ``1 - sigmoid(alpha)`` within each layer, then over layers."""
+        per_layer = [torch.cat([(1 - torch.sigmoid(a)).reshape(-1) for a in layer.alphas()]).mean()
+                     for _, layer in self.wf_layers()]
+        return torch.stack(per_layer).mean()
+
+    def original_model(self) -> nn.Module:
+        """A deep copy of the plain original model (gates removed)."""
+        return _unwrap(copy.deepcopy(self.model))
+
+
+def wrap(model: nn.Module, num_classes: int, alpha_init: float = 3.0) -> WFModel:
+    """Gate every Conv2d and every attention ``qkv`` Linear of ``model`` (modified in place)."""
+    if isinstance(model, WFModel):
+        raise ValueError("wrap(): the model is already a WFModel")
+    return WFModel(model, num_classes, alpha_init)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for name, m in list(model.named_modules()):
+        if isinstance(m, _WFLayer):
+            _set_submodule(model, name, m.inner)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _composed_gates(layer: _WFLayer, classes: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+    idx = torch.as_tensor(list(classes), dtype=torch.long, device=layer.alpha_w.device)
+    gw = torch.sigmoid(layer.alpha_w.index_select(0, idx)).prod(0)
+    gb = torch.sigmoid(layer.alpha_b.index_select(0, idx)).prod(0) if layer.alpha_b is not None else None
+    return gw, gb
+
+
+@torch.no_grad()
+def _bake_rows(wf: WFModel, classes: Sequence[int]) -> nn.Module:
+    for c in classes:
+        if not 0 <= int(c) < wf.num_classes:
+            raise IndexError(f"class {c} is out of range [0, {wf.num_classes})")
+    plain = copy.deepcopy(wf.model)
+    for name, layer in list(plain.named_modules()):
+        if not isinstance(layer, _WFLayer):
+            continue
+        gw, gb = _composed_gates(layer, classes)
+        inner = layer.inner
+        w = inner.weight
+        inner.weight.copy_(w * gw.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
+        if inner.bias is not None and gb is not None:
+            inner.bias.copy_(inner.bias * gb.to(inner.bias.dtype))
+        _set_submodule(plain, name, inner)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    plain.eval()
+    return plain
+
+
+def bake(wf: WFModel, cls: int) -> nn.Module:
+    """A plain model (the original's class) whose weights carry gate row ``cls``: forgets ``cls``."""
+    return _bake_rows(wf, [int(cls)])
+
+
+def compose(wf: WFModel, classes: Iterable[int]) -> nn.Module:
+    """Experimental: a plain model forgetting several classes, gates multiplied (see module doc)."""
+    classes = [int(c) for c in classes]
+    if not classes:
+        raise ValueError("compose(): give at least one class")
+    return _bake_rows(wf, classes)
