@@ -1,0 +1,201 @@
+"""The one training loop under every method: accumulation, evaluation points, early stopping,
+tqdm progress and exact resume.
+
+A method supplies ``loss_fn(batch, step_ctx) -> Tensor`` (one micro-batch) and ``val_fn() -> float``;
+the loop owns order, accumulation, optimizer steps, evaluation every ``len(epoch)/evals_per_epoch``
+micro-batches, patience, the best state, and the checkpoint in ``state/<tag>.pt``.
+
+Resume is exact: the checkpoint stores trainable tensors, their accumulated ``.grad``, the optimizer,
+the loop position (epoch, micro-batch), early-stopping state, best state and all RNG states; the data
+order of each epoch is a pure function of (seed, epoch), so a killed run started again with the same
+command reproduces the uninterrupted run bit for bit on the same machine.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from unlearn_fast.checkpoint import atomic_save, capture_rng, load_state, restore_rng
+from unlearn_fast.data import make_loader
+
+__all__ = ["LoopConfig", "LoopResult", "fit"]
+
+
+@dataclass
+class LoopConfig:
+    batch_size: int = 256
+    grad_accum: int = 1
+    max_epochs: int = 100
+    max_steps: int | None = None          # optimizer steps; None = until early stop / max_epochs
+    evals_per_epoch: int = 1
+    patience: int | None = 5              # in evaluations; None disables early stopping
+    mode: str = "max"                     # "max" (val accuracy) or "min" (val loss)
+    seed: int = 0
+    drop_last: bool = False
+    ckpt_interval_s: float = 30.0         # also checkpoint at every evaluation
+    progress: bool = True
+    desc: str = "train"
+
+
+@dataclass
+class LoopResult:
+    best_score: float
+    best_state: dict[str, Tensor]
+    steps: int
+    epochs: float
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _n_batches(n: int, bs: int, drop_last: bool) -> int:
+    return n // bs if drop_last else math.ceil(n / bs)
+
+
+def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str, Tensor]],
+        trainable: Sequence[Tensor], optimizer: torch.optim.Optimizer, dataset, cfg: LoopConfig,
+        loss_fn: Callable[[Any, dict], Tensor], val_fn: Callable[[], float] | None,
+        state_path: str | Path, generators: dict[str, torch.Generator] | None = None,
+        after_step: Callable[[], None] | None = None, device: torch.device | str = "cpu",
+        log_path: str | Path | None = None, load_best: Callable[[dict[str, Tensor]], None] | None = None) -> LoopResult:
+    """Run the loop; resumes from ``state_path`` if it exists. ``params_owner`` gives the state dict
+    that is checkpointed and kept as "best" (a module, modules, or a callable returning tensors)."""
+    generators = dict(generators or {})
+    trainable = list(trainable)
+    state_path = Path(state_path)
+
+    def snapshot() -> dict[str, Tensor]:
+        if callable(params_owner) and not isinstance(params_owner, nn.Module):
+            sd = params_owner()
+        elif isinstance(params_owner, nn.Module):
+            sd = params_owner.state_dict()
+        else:
+            sd = {f"{i}.{k}": v for i, m in enumerate(params_owner) for k, v in m.state_dict().items()}
+        return {k: v.detach().clone().cpu() for k, v in sd.items()}
+
+    def restore(sd: dict[str, Tensor]) -> None:
+        if load_best is not None:
+            load_best(sd)
+        elif isinstance(params_owner, nn.Module):
+            params_owner.load_state_dict(sd)
+        else:
+            raise RuntimeError("fit(): pass load_best= to restore a non-module params_owner")
+
+    n_micro = _n_batches(len(dataset), cfg.batch_size, cfg.drop_last)
+    if n_micro == 0:
+        raise ValueError(f"{cfg.desc}: dataset of {len(dataset)} samples gives no batch of {cfg.batch_size}")
+    eval_points = sorted({max(1, round(n_micro * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)})
+    sign = 1.0 if cfg.mode == "max" else -1.0
+
+    st = {"epoch": 0, "micro": 0, "accum": 0, "steps": 0, "best": -math.inf, "bad": 0,
+          "best_state": None, "history": [], "done": False, "stopped_early": False, "seconds": 0.0}
+    ck = load_state(state_path)
+    if ck is not None:
+        restore(ck["owner"])  # buffers too (BatchNorm running statistics)
+        with torch.no_grad():
+            for p, v, g in zip(trainable, ck["trainable"], ck["grads"]):
+                p.copy_(v.to(p.device))
+                p.grad = None if g is None else g.to(p.device).clone()
+        optimizer.load_state_dict(ck["optimizer"])
+        restore_rng(ck["rng"], generators)
+        st = ck["loop"]
+        if st["done"]:
+            restore(st["best_state"])
+            return LoopResult(sign * st["best"], st["best_state"], st["steps"], st["epoch"], st["stopped_early"],
+                              st["history"], st["seconds"])
+
+    def save() -> None:
+        atomic_save({"owner": snapshot(), "trainable": [p.detach().cpu() for p in trainable],
+                     "grads": [None if p.grad is None else p.grad.detach().cpu() for p in trainable],
+                     "optimizer": optimizer.state_dict(), "rng": capture_rng(generators), "loop": st}, state_path)
+
+    interrupted = {"flag": False}
+
+    def _on_term(signum, frame):  # SIGTERM: finish the micro-batch, checkpoint, exit
+        interrupted["flag"] = True
+
+    old_term = signal.signal(signal.SIGTERM, _on_term) if _is_main_thread() else None
+    t_start = time.perf_counter() - st["seconds"]
+    last_ckpt = time.perf_counter()
+    total_micro = cfg.max_epochs * n_micro
+    bar = tqdm(total=total_micro, initial=st["epoch"] * n_micro + st["micro"], desc=cfg.desc,
+               disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    log_f = open(log_path, "a") if log_path else None
+    try:
+        while not st["done"] and st["epoch"] < cfg.max_epochs:
+            loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=st["epoch"],
+                                 start_batch=st["micro"], drop_last=cfg.drop_last)
+            for batch in loader:
+                batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
+                loss = loss_fn(batch, {"epoch": st["epoch"], "micro": st["micro"], "step": st["steps"]})
+                (loss / cfg.grad_accum).backward()
+                st["micro"] += 1
+                st["accum"] += 1
+                bar.update(1)
+                if st["accum"] == cfg.grad_accum:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    st["accum"] = 0
+                    st["steps"] += 1
+                    if after_step is not None:
+                        after_step()
+                    bar.set_postfix(loss=f"{loss.item():.4g}", step=st["steps"])
+                if st["micro"] in eval_points and val_fn is not None:
+                    score = float(val_fn())
+                    rec = {"epoch": st["epoch"], "micro": st["micro"], "step": st["steps"], "val": score,
+                           "loss": float(loss.item()), "time_s": time.perf_counter() - t_start}
+                    st["history"].append(rec)
+                    if log_f:
+                        log_f.write(",".join(f"{rec[k]}" for k in ("epoch", "micro", "step", "val", "loss", "time_s")) + "\n")
+                        log_f.flush()
+                    if sign * score > st["best"]:
+                        st["best"], st["bad"], st["best_state"] = sign * score, 0, snapshot()
+                    else:
+                        st["bad"] += 1
+                    if cfg.patience is not None and st["bad"] >= cfg.patience:
+                        st["done"] = st["stopped_early"] = True
+                if cfg.max_steps is not None and st["steps"] >= cfg.max_steps:
+                    st["done"] = True
+                now = time.perf_counter()
+                if st["done"] or interrupted["flag"] or st["micro"] in eval_points or now - last_ckpt > cfg.ckpt_interval_s:
+                    st["seconds"] = now - t_start
+                    if not st["done"]:
+                        save()
+                    last_ckpt = now
+                if st["done"] or interrupted["flag"]:
+                    break
+            if interrupted["flag"]:
+                raise KeyboardInterrupt(f"{cfg.desc}: stopped by SIGTERM; state saved to {state_path}")
+            if not st["done"]:
+                st["epoch"] += 1
+                st["micro"] = 0
+        st["done"] = True
+        if st["best_state"] is None:  # no evaluation ran: keep the last state
+            st["best_state"] = snapshot()
+            st["best"] = -math.inf
+        st["seconds"] = time.perf_counter() - t_start
+        restore(st["best_state"])
+        save()
+    finally:  # on Ctrl-C the last consistent checkpoint (evaluation point or interval) stands
+        bar.close()
+        if log_f:
+            log_f.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    return LoopResult(sign * st["best"], st["best_state"], st["steps"], st["epoch"], st["stopped_early"],
+                      st["history"], st["seconds"])
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,31 @@
+"""WF-Net files: the alphas (``wf.safetensors``) beside the original model they gate."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from unlearn_fast.models.io import load_model, load_tensors, save_tensors
+from unlearn_fast.nn.wrap import WFModel, wrap
+
+__all__ = ["save_wf", "load_wf"]
+
+
+def save_wf(wf: WFModel, path: str | os.PathLike, **extra) -> None:
+    save_tensors(wf.alpha_state_dict(), path, {"num_classes": wf.num_classes, "alpha_init": wf.alpha_init, **extra})
+
+
+def load_wf(path: str | os.PathLike, original: str | os.PathLike | torch.nn.Module,
+            map_location: str | torch.device = "cpu") -> WFModel:
+    """Rebuild the WF-Net: the original model (file or module, copied) wrapped, alphas loaded from ``path``."""
+    import copy
+
+    tensors, meta = load_tensors(path)
+    model = load_model(original, map_location) if not isinstance(original, torch.nn.Module) else copy.deepcopy(original)
+    wf = wrap(model, int(meta["num_classes"]), float(meta.get("alpha_init", 3.0)))
+    expected = set(wf.alpha_state_dict())
+    if set(tensors) != expected:
+        raise ValueError(f"{path}: alphas do not fit this model (missing {sorted(expected - set(tensors))[:3]}, "
+                         f"unexpected {sorted(set(tensors) - expected)[:3]}); was it made for another original model?")
+    wf.load_state_dict(tensors, strict=False)
+    return wf.to(map_location)
