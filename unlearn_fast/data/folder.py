@@ -5,17 +5,23 @@ Only file names are scanned at load time; images are decoded lazily (see :class:
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
 from unlearn_fast.data.imageio import IMG_EXTENSIONS, image_size, is_image_file, read_image
 from unlearn_fast.data.source import RawSource, SourcePart
 
-_SPLIT_DIRS = ("train", "val", "test")
 
 
-def _subdirs(d: str) -> list[str]:
-    return sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+def natural_key(name: str) -> list:
+    """``"s10"`` after ``"s9"``: digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _subdirs(d: str, natural: bool = False) -> list[str]:
+    names = [e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith(".")]
+    return sorted(names, key=natural_key) if natural else sorted(names)
 
 
 def _images_under(d: str) -> list[str]:
@@ -26,15 +32,19 @@ def _images_under(d: str) -> list[str]:
     return out
 
 
-def scan_classes(d: str, class_names: list[str] | None = None, what: str = "class") -> tuple[list[str], list[str], np.ndarray]:
+def scan_classes(
+    d: str, class_names: list[str] | None = None, what: str = "class", natural: bool = False
+) -> tuple[list[str], list[str], np.ndarray]:
     """Scan ``d/<class>/**/<image>`` -> ``(class_names, files, labels)``.
 
+    Classes are the sub-folders in sorted order (torchvision ``ImageFolder`` order), or in natural order
+    (``s2`` before ``s10``) with ``natural=True``.
     With ``class_names`` given (the train split's), ``d`` may hold a subset of them; a folder not among
     them is an error. Every class folder must hold at least one image.
     """
     if not os.path.isdir(d):
         raise FileNotFoundError(f"directory {d!r} does not exist; expected one sub-folder of images per {what}")
-    found = _subdirs(d)
+    found = _subdirs(d, natural)
     if not found:
         loose = [f for f in os.listdir(d) if is_image_file(f)]
         hint = (
@@ -112,13 +122,14 @@ def read_image_folder(root: str) -> RawSource:
 
 
 def read_faces(root: str) -> RawSource:
-    """``root/<person>/<image>`` (PGM/PNG/JPEG): identities are classes; gray by default, no flips.
+    """``root/<person>/<image>`` (PGM/PNG/JPEG): identities are classes (natural order: s1, s2, ..., s10),
+    gray by default, no flips.
 
     Default size: the images' own when all are square and equal, else 64 (whole face resized, not cropped).
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"faces folder {root!r} does not exist; expected {root}/<person>/<image>.pgm|png|jpg")
-    names, files, labels = scan_classes(root, what="person")
+    names, files, labels = scan_classes(root, what="person", natural=True)
     sizes = {image_size(f) for f in files} if len(files) <= 20000 else {image_size(files[0]), (-1, -1)}
     native = next(iter(sizes)) if len(sizes) == 1 else None
     default = native[0] if native is not None and native[0] == native[1] else 64

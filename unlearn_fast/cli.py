@@ -1,0 +1,196 @@
+"""``unlearn-fast``: demo | train | evaluate | report | list.
+
+Every subcommand takes ``--config FILE.yaml`` whose keys are the long option names (``run_dir``,
+``model``, ``data``, ``method``, ``seed``, ...) plus an ``hparams:`` mapping; flags given on the
+command line win over the file. ``--set key=value`` (repeatable) overrides one method hyper-parameter
+(values parsed as YAML: ``--set lr=0.05 --set lambdas=[1,10,1]``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+# The demo recipe: digits (embedded), the small CNN at 8x8, every class untrained in one round.
+# WF runs the paper's loss, chi, lambdas, alpha init/clipping and evaluation schedule; batch and
+# accumulation are scaled to a 1.4k-image training set (one optimizer step per 64-image batch
+# instead of 128 x 16 = 2,048 images, more than the whole set).
+DEMO = {
+    "model": "small_cnn", "data": "digits", "run_dir": "runs/demo", "seed": 0, "retrain": True,
+    "hparams": {"batch_size": 64, "grad_accum": 1, "max_epochs": 40},
+}
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"--set expects key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"config file {p} does not exist")
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"config file {p} is not valid YAML: {exc}")
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"config file {p} must hold a mapping of option: value")
+    return cfg
+
+
+def _merged(args: argparse.Namespace, keys: Sequence[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = {**(base or {}), **_load_config(getattr(args, "config", None))}
+    for k in keys:
+        v = getattr(args, k, None)
+        if v is not None:
+            cfg[k] = v
+    hp = dict(cfg.get("hparams") or {})
+    hp.update(_parse_set(getattr(args, "set", None)))
+    cfg["hparams"] = hp
+    return cfg
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with any of these options (flags win)")
+    p.add_argument("--run-dir", dest="run_dir", help="run directory (created; re-running resumes)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="backbone name (unlearn-fast list)")
+    p.add_argument("--data", help="dataset spec: digits | idx:DIR | cifar10:DIR | cifar100:DIR | folder:DIR | faces:DIR")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--img-size", dest="img_size", type=int, help="input size in px (default 32; the small CNN keeps the data's size)")
+    p.add_argument("--in-chans", dest="in_chans", type=int, help="input channels (default: the data's)")
+    p.add_argument("--retrain", action="store_true", default=None, help="also train the per-class retrained models (needed for Act-Dist / JS-Div)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method hyper-parameter (repeatable)")
+
+
+def _print_summary(metrics: dict[str, Any]) -> None:
+    from unlearn_fast.evaluation.report import wf_table_markdown
+
+    print(wf_table_markdown(metrics))
+    t = metrics["splits"]["test"]
+    names = metrics["class_names"]
+    print("\nper class (test):  class  Acc_f%  Acc_r%")
+    for c, n in enumerate(names):
+        print(f"  {n:>12}  {t['wf']['acc_f'][c]:6.1f}  {t['wf']['acc_r'][c]:6.1f}")
+    print(f"original model test accuracy: {t['original']['acc']:.1f}%")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import unlearn_fast
+
+    cfg = _merged(args, ["run_dir", "device"], DEMO)
+    t0 = time.perf_counter()
+    res = unlearn_fast.train(method="wf", model=cfg["model"], data=cfg["data"], run_dir=cfg["run_dir"],
+                             seed=cfg.get("seed", 0), device=cfg.get("device"), retrain=cfg.get("retrain", True),
+                             progress=not args.quiet, **cfg["hparams"])
+    _print_summary(res.metrics)
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; report: {res.run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import unlearn_fast
+
+    cfg = _merged(args, ["method", "model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain"])
+    kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain") if cfg.get(k) is not None}
+    if args.no_eval:
+        kw["evaluate"] = False
+    res = unlearn_fast.train(method=cfg.get("method", "wf"), progress=not args.quiet, **kw, **cfg["hparams"])
+    if res.metrics:
+        _print_summary(res.metrics)
+    print(f"run directory: {res.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import unlearn_fast
+
+    cfg = _merged(args, ["run_dir", "device", "batch_size", "insertion_steps"])
+    if not cfg.get("run_dir"):
+        raise SystemExit("evaluate needs --run-dir")
+    m = unlearn_fast.evaluate(cfg["run_dir"], device=cfg.get("device"), batch_size=cfg.get("batch_size", 512),
+                              insertion_steps=cfg.get("insertion_steps", 10), progress=not args.quiet)
+    _print_summary(m)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from unlearn_fast.evaluation.report import write_report
+
+    cfg = _merged(args, ["run_dir"])
+    if not cfg.get("run_dir"):
+        raise SystemExit("report needs --run-dir")
+    print(write_report(cfg["run_dir"]))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from unlearn_fast import _ext
+    from unlearn_fast.data import list_datasets
+    from unlearn_fast.methods import list_methods
+    from unlearn_fast.models import list_models
+
+    out = {"methods": list_methods(), "models": list_models(), "datasets": list_datasets(),
+           "extension": {"loaded": _ext.HAS_C, "cuda": _ext.HAS_C_CUDA}}
+    print(json.dumps(out, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unlearn-fast", description="Make an image classifier forget classes, fast, and prove it.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="digits + small CNN: train, retrain, WF-untrain all classes, evaluate, report")
+    _common(d)
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a WF hyper-parameter")
+    d.set_defaults(func=cmd_demo)
+    t = sub.add_parser("train", help="train the original model, the retrained models, or unlearn (--method)")
+    _common(t)
+    t.add_argument("--method", help="original | retrain | wf | ... (unlearn-fast list)")
+    _train_opts(t)
+    t.add_argument("--no-eval", action="store_true", help="do not evaluate after WF untraining")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("evaluate", help="evaluate every class of a run's WF-Net; writes metrics.json and report.md")
+    _common(e)
+    e.add_argument("--batch-size", dest="batch_size", type=int)
+    e.add_argument("--insertion-steps", dest="insertion_steps", type=int)
+    e.set_defaults(func=cmd_evaluate)
+    r = sub.add_parser("report", help="re-write report.md and figures from metrics.json")
+    _common(r)
+    r.set_defaults(func=cmd_report)
+    li = sub.add_parser("list", help="methods, models, datasets, extension status")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: progress is checkpointed; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
