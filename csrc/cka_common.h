@@ -39,7 +39,8 @@ inline HsicParts hsic_parts_aten(at::TensorList feats) {
   at::Tensor K = at::empty({M, n, n}, feats[0].options().dtype(at::kDouble));
   for (int64_t m = 0; m < M; ++m) {
     const at::Tensor f = feats[m].to(at::kDouble);
-    at::mm_out(K[m], f, f.t());
+    at::Tensor km = K.select(0, m);
+    at::mm_out(km, f, f.t());
   }
   K.diagonal(0, 1, 2).zero_();
   const at::Tensor R = K.sum(2);  // [M, n] row sums K 1

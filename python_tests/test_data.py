@@ -290,3 +290,31 @@ def test_loader_with_workers_matches(digits):
     a = _batches(make_loader(digits.val, 40, shuffle=True, seed=4, epoch=2, start_batch=1))
     b = _batches(make_loader(digits.val, 40, shuffle=True, seed=4, epoch=2, start_batch=1, num_workers=2))
     assert len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+
+
+@pytest.mark.parametrize("kw", [{}, {"img_size": 11, "in_chans": 3, "cache": False}, {"img_size": 11}])
+def test_batched_fetch_matches_items(kw):
+    b = load("digits", max_per_class=30, **kw)
+    for ds in (b.train, b.subset("train", exclude=[3])):
+        idx = [5, 0, len(ds) - 1, 17, -2]
+        batch = ds.__getitems__(idx)
+        ref = torch.stack([ds[i][0] for i in idx])
+        assert torch.allclose(batch.x, ref, atol=1e-6)
+        assert batch.y.tolist() == [ds[i][1] for i in idx]
+        # it is also a plain list of samples, so torch's default_collate works on it
+        x, y = torch.utils.data.default_collate(batch)
+        assert torch.equal(x, batch.x) and torch.equal(y, batch.y)
+        plain = torch.utils.data.DataLoader(ds, batch_size=7)
+        xs, ys = next(iter(plain))
+        assert torch.allclose(xs, torch.stack([ds[i][0] for i in range(7)]), atol=1e-6)
+        with pytest.raises(IndexError):
+            ds.__getitems__([0, len(ds)]) if ds is b.train else ds.dataset.__getitems__([len(ds.dataset)])
+
+
+def test_check_manifest_rejects_other_data(digits):
+    m = digits.manifest()
+    bad = dict(m, name="cifar10:/x")
+    with pytest.raises(ValueError, match="for dataset 'cifar10:/x'"):
+        digits.check_manifest(bad)
+    with pytest.raises(ValueError, match="source_sizes"):
+        digits.check_manifest(dict(m, source_sizes={"all": 10}))

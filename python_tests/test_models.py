@@ -22,8 +22,17 @@ BUILTIN = {
 }
 
 
-def _forward_order(model: nn.Module, names: list[str], x: torch.Tensor) -> list[str]:
-    """Names from ``names`` in the order their forward hooks first fire."""
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are small: one intra-op thread avoids OpenMP spin-wait stalls on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _forward_order(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """(names from ``names`` in the order their forward hooks first fire, model output)."""
     fired: list[str] = []
     modules = dict(model.named_modules())
     handles = [
@@ -32,11 +41,11 @@ def _forward_order(model: nn.Module, names: list[str], x: torch.Tensor) -> list[
     ]
     try:
         with torch.no_grad():
-            model(x)
+            y = model(x)
     finally:
         for h in handles:
             h.remove()
-    return fired
+    return fired, y
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -127,9 +136,8 @@ def test_forward_shape_and_layers_32px(name, in_chans):
     modules = dict(model.named_modules())
     assert layers and all(n in modules for n in layers)
     # hooks fire exactly in the listed (forward) order, and every listed layer runs
-    assert _forward_order(model, layers, x) == layers
-    with torch.no_grad():
-        y = model(x)
+    fired, y = _forward_order(model, layers, x)
+    assert fired == layers
     assert y.shape == (2, 10)
     assert torch.isfinite(y).all()
     # the stem takes in_chans; convs are plain nn.Conv2d
@@ -178,15 +186,18 @@ def test_patch_and_window_rules():
             sizes.append((sizes[-1] + 1) // 2)
         assert 1 <= w <= 7 and all(s <= w or s % w == 0 for s in sizes)
 
-    vit = models.create("vit_tiny", num_classes=10, in_chans=1, img_size=32)
+    vit = models.create("vit_tiny", num_classes=10, in_chans=1, img_size=32, depth=1)
     assert vit.patch_embed.proj.kernel_size == (4, 4)
     assert vit.patch_embed.grid_size == (8, 8)
-    swin = models.create("swin_tiny", num_classes=10, in_chans=1, img_size=32)
+    swin = models.create("swin_tiny", num_classes=10, in_chans=1, img_size=32, depths=(1, 1, 1, 1))
     assert swin.patch_embed.proj.kernel_size == (2, 2)
     windows = [tuple(b.window_size) for stage in swin.layers for b in stage.blocks]
     assert windows[0] == (4, 4) and windows[-1] == (2, 2)
+    swin224 = models.create("swin_tiny", num_classes=10, img_size=224, depths=(1, 1, 1, 1))
+    assert swin224.patch_embed.proj.kernel_size == (4, 4)
+    assert [tuple(stage.blocks[0].window_size) for stage in swin224.layers] == [(7, 7)] * 4
     # explicit override wins and is recorded
-    vit8 = models.create("vit_tiny", num_classes=3, img_size=32, patch_size=8)
+    vit8 = models.create("vit_tiny", num_classes=3, img_size=32, patch_size=8, depth=1)
     assert vit8.patch_embed.proj.kernel_size == (8, 8) and vit8.unlearn_fast_config["patch_size"] == 8
 
 
@@ -289,7 +300,7 @@ def test_weights_missing_and_unexpected_keys(tmp_path):
         models.create("small_cnn", num_classes=10, in_chans=1, weights=path)
     msg = str(exc.value)
     assert "missing" in msg and "block1.conv.weight" in msg
-    assert "unexpected" in msg and "layer1.0.conv1.weight" in msg
+    assert "unexpected" in msg and "bn1.running_mean" in msg
     assert "small_cnn" in msg
 
 
@@ -348,4 +359,4 @@ def test_small_cnn_learns_sklearn_digits():
     m.eval()
     with torch.no_grad():
         acc = (m(x[te]).argmax(1) == y[te]).float().mean().item()
-    assert acc > 0.9, acc
+    assert acc > 0.95, acc  # ~0.98 in 4 epochs; a few seconds on one core

@@ -118,10 +118,16 @@ class DataBundle:
         }
 
     def check_manifest(self, manifest: dict[str, Any]) -> None:
-        """Raise ``ValueError`` when ``manifest`` (e.g. read back from a run directory) names other samples."""
-        for key in ("name", "num_classes", "split_sources"):
-            if manifest.get(key) != self.manifest()[key]:
-                raise ValueError(f"data manifest differs in {key!r}: run has {manifest.get(key)!r}, loaded {self.manifest()[key]!r}")
+        """Raise ``ValueError`` when ``manifest`` (e.g. read back from a run directory) names other samples.
+
+        The dataset kind, source part sizes and split indices must match; the directory may differ."""
+        mine = self.manifest()
+        kind = lambda name: str(name).split(":", 1)[0]  # noqa: E731 - the directory may have moved
+        if kind(manifest.get("name")) != kind(self.name):
+            raise ValueError(f"data manifest is for dataset {manifest.get('name')!r}, loaded {self.name!r}")
+        for key in ("num_classes", "source_sizes", "split_sources"):
+            if manifest.get(key) != mine[key]:
+                raise ValueError(f"data manifest differs in {key!r}: run has {manifest.get(key)!r}, loaded {mine[key]!r}")
         for s in SPLITS:
             want = np.asarray(manifest.get("split_indices", {}).get(s, []), dtype=np.int64)
             if not np.array_equal(want, np.asarray(self.split_indices.get(s, []), dtype=np.int64)):

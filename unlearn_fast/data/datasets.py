@@ -5,7 +5,8 @@
 * :class:`ClassSubset` - a subset that keeps ``targets``.
 
 Preprocessing (channels, resize) is applied per item, or once for the whole split by
-:meth:`ImageDataset.cache` when the result fits in memory. Normalisation is always per item.
+:meth:`ImageDataset.cache` when the result fits in memory. Normalisation is applied on access.
+``__getitems__`` serves a whole ``DataLoader`` batch with one gather / resize / normalise.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, default_collate
 
 from unlearn_fast.data.imageio import read_image
 from unlearn_fast.data.transforms import ChannelStats, Normalize, Preprocess
@@ -89,15 +90,53 @@ class ImageDataset(Dataset):
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.normalize = Normalize(tuple(mean), tuple(std))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def _check_index(self, i: int) -> int:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for dataset of size {n}")
-        i = int(i) % n
+        return int(i) % n
+
+    def _processed_many(self, idx: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (not normalised) samples ``idx`` (int64 ``[B]``) -> ``[B, C, S, S]``."""
+        if self._cache is not None:
+            return self._cache[idx]
+        return torch.stack([self.processed(int(i)) for i in idx])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        i = self._check_index(i)
         x = self.processed(i)
+        x = self.normalize(x) if self.normalize is not None else x.clone()  # never hand out a cache view
+        return x, int(self.targets[i])
+
+    def __getitems__(self, indices: Sequence[int]) -> "SampleBatch":
+        """Batched fetch used by ``DataLoader``: one indexing / resize / normalise op for the whole batch."""
+        n = len(self)
+        idx_t = torch.as_tensor(list(indices), dtype=torch.int64)
+        if idx_t.numel() == 0:
+            return SampleBatch(torch.empty((0, *self.sample_shape)), torch.zeros(0, dtype=torch.int64))
+        if int(idx_t.min()) < -n or int(idx_t.max()) >= n:
+            raise IndexError(f"indices span [{int(idx_t.min())}, {int(idx_t.max())}], out of range for size {n}")
+        idx_t = idx_t % n
+        x = self._processed_many(idx_t)
         if self.normalize is not None:
             x = self.normalize(x)
-        return x, int(self.targets[i])
+        return SampleBatch(x, self.targets[idx_t])
+
+
+class SampleBatch(list):
+    """A list of ``(x_i, y_i)`` samples (what ``default_collate`` expects) that also carries the batch
+    already stacked: ``x [B, C, S, S]``, ``y [B]`` int64, so :func:`collate` need not re-stack it."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__(zip(x.unbind(0), y.tolist()))
+        self.x, self.y = x, y
+
+
+def collate(batch: list) -> list[torch.Tensor]:
+    """``default_collate`` with a fast path for :class:`SampleBatch`; returns ``[x, y]``."""
+    if isinstance(batch, SampleBatch):
+        return [batch.x, batch.y]
+    return default_collate(batch)
 
 
 class TensorImageDataset(ImageDataset):
@@ -118,6 +157,11 @@ class TensorImageDataset(ImageDataset):
 
     def _raw(self, i: int) -> torch.Tensor:
         return self.images[self.indices[i]]
+
+    def _processed_many(self, idx: torch.Tensor) -> torch.Tensor:
+        if self._cache is not None:
+            return self._cache[idx]
+        return self.preprocess(self.images[self.indices[idx]])
 
     def _processed_batches(self, indices: Sequence[int], batch: int = 2048) -> Iterator[torch.Tensor]:
         sel = self.indices[torch.as_tensor(np.asarray(indices, dtype=np.int64))]

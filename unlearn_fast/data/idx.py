@@ -138,7 +138,7 @@ def read_idx_dir(root: str) -> RawSource:
         class_names=class_names,
         native_chans=1,
         default_in_chans=1,
-        default_img_size=int(size[0]) if size[0] == size[1] else 32,
+        default_img_size=int(max(size)),
         hflip=False,
         native_size=(int(size[0]), int(size[1])),
         root=os.path.abspath(root),

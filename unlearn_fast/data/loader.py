@@ -11,6 +11,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from unlearn_fast.data.datasets import collate
+
 SEED_STRIDE = 1_000_003
 
 
@@ -75,5 +77,5 @@ def make_loader(
     # The generator only seeds worker processes (base_seed); passing it keeps the global RNG untouched.
     gen = torch.Generator().manual_seed(epoch_seed(seed, epoch) ^ 0x5F3759DF)
     return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, generator=gen,
+        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory, generator=gen, collate_fn=collate,
     )

@@ -115,9 +115,10 @@ class ChannelStats:
     def update(self, x: torch.Tensor) -> None:
         if x.dim() == 3:
             x = x.unsqueeze(0)
-        xd = x.detach().to(torch.float64)
-        s = xd.sum(dim=(0, 2, 3))
-        ss = (xd * xd).sum(dim=(0, 2, 3))
+        x = x.detach().float()
+        # per-image sums in fp32 (one image is small), accumulated across images in fp64
+        s = x.sum(dim=(2, 3)).double().sum(0)
+        ss = (x * x).sum(dim=(2, 3)).double().sum(0)
         self.s = s if self.s is None else self.s + s
         self.ss = ss if self.ss is None else self.ss + ss
         self.n += x.shape[0] * x.shape[2] * x.shape[3]

@@ -2,7 +2,8 @@
 
 ``wf_conv2d_triton`` / ``wf_linear_triton`` take the arguments of :mod:`unlearn_fast.reference.wf_gate`
 and return the same values. Gradients flow to ``x``, ``alpha_w`` and ``alpha_b`` only: WF freezes the
-original layer, so ``weight`` and ``bias`` get no gradient (None) even if they require one. The ops
+original layer, so ``weight`` and ``bias`` get no gradient (None) even if they require one; without a bias alpha_b
+does not touch the output and gets None, as in the reference. The ops
 save the *output* y (not the pre-gate z: the next layer keeps y alive anyway) and recover what
 dalpha needs from it (see ``kernels/_common.py``); the alphas are expected inside WF's clip range
 [-3, 3]. The custom ops are opaque to ``torch.compile`` (no graph break, registered fake shapes).
@@ -73,7 +74,8 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, dy):
     y, weight, bias, alpha_w, alpha_b, labels = ctx.saved_tensors
     dx, daw, dab = _linear_bwd(dy, y, weight, bias, alpha_w, alpha_b, labels, ctx.need_dx)
-    return (dx if ctx.need_dx else None, None, None, daw, dab if alpha_b is not None else None, None)
+    return (dx if ctx.need_dx else None, None, None, daw, dab if alpha_b is not None and bias is not None else None,
+            None)
 
 
 _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -132,8 +134,8 @@ def _conv_backward(ctx, dy):
     stride, padding, dilation = ctx.conv
     dx, daw, dab = _conv_bwd(dy, y, ctx.x_shape, weight, bias, alpha_w, alpha_b, labels, stride, padding, dilation,
                              ctx.need_dx)
-    return (dx if ctx.need_dx else None, None, None, daw, dab if alpha_b is not None else None, None, None, None,
-            None)
+    return (dx if ctx.need_dx else None, None, None, daw, dab if alpha_b is not None and bias is not None else None,
+            None, None, None, None)
 
 
 _conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)

@@ -32,7 +32,7 @@ def wf_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, alpha_w: Tensor, a
     g = gate_rows(alpha_w, labels).to(z.dtype)
     y = z * g[:, :, None, None]
     if bias is not None:
-        gb = gate_rows(alpha_b, labels).to(z.dtype) if alpha_b is not None else 1.0
+        gb = gate_rows(alpha_b, labels).to(z.dtype) if alpha_b is not None else torch.ones_like(g)
         y = y + (gb * bias.to(z.dtype))[:, :, None, None]
     return y
 
@@ -44,7 +44,7 @@ def wf_linear(x: Tensor, weight: Tensor, bias: Tensor | None, alpha_w: Tensor, a
     shape = (g.shape[0],) + (1,) * (z.dim() - 2) + (g.shape[1],)
     y = z * g.view(shape)
     if bias is not None:
-        gb = gate_rows(alpha_b, labels).to(z.dtype) if alpha_b is not None else 1.0
+        gb = gate_rows(alpha_b, labels).to(z.dtype) if alpha_b is not None else torch.ones_like(g)
         y = y + (gb * bias.to(z.dtype)).view(shape)
     return y
 

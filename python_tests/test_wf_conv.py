@@ -1,0 +1,165 @@
+"""Fused Triton WF-gated conv2d vs the reference and the literal WF Alg. 1 (CPU: TRITON_INTERPRET=1)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from unlearn_fast.ops import use_backend, wf_conv2d  # noqa: E402
+from unlearn_fast.ops.wf_triton import wf_conv2d_triton  # noqa: E402
+from unlearn_fast.reference import wf_gate as ref  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+B, C, H, W = 5, 37, 7, 13
+LABEL_MIXES = {
+    "same": ([2, 2, 2, 2, 2], 4),
+    "distinct5": ([0, 1, 2, 3, 4], 5),
+    "absent": ([0, 3, 3, 0, 5], 7),
+}
+# (kernel, stride, padding, dilation): the issue's odd geometries, plus a plain 3x3 and an asymmetric one.
+GEOMS = [(1, 2, 0, 2), (3, 2, 1, 2), (7, 2, 3, 2), (3, 1, 1, 1), ((3, 1), (2, 1), (0, 1), (1, 2))]
+
+
+def _inputs(k, labels, n, bias, alpha_b, o=37, seed=0):
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=gen)
+    w = torch.randn(o, C, kh, kw, generator=gen) / (C * kh * kw) ** 0.5
+    b = torch.randn(o, generator=gen) if bias else None
+    aw = (torch.randn(n, o, generator=gen) * 2).clamp(-3, 3)
+    ab = (torch.randn(n, o, generator=gen) * 2).clamp(-3, 3) if alpha_b else None
+    lab = torch.tensor(labels, dtype=torch.int64)
+    return [t.to(DEV) if t is not None else None for t in (x, w, b, aw, ab, lab)]
+
+
+def _run(fn, x, w, b, aw, ab, lab, conv, dy=None, x_grad=True):
+    x = x.clone().requires_grad_(x_grad)
+    aw = aw.clone().requires_grad_()
+    ab = ab.clone().requires_grad_() if ab is not None else None
+    y = fn(x, w, b, aw, ab, lab, *conv)
+    if dy is None:
+        dy = torch.randn_like(y)
+    y.backward(dy)
+    return y.detach(), dy, x.grad, aw.grad, (ab.grad if ab is not None else None)
+
+
+def _ref_conv(x, w, b, aw, ab, lab, *conv):
+    if ab is None and b is not None:  # gb = 1 exactly (the reference's alpha_b=None + bias path mis-broadcasts)
+        ab = torch.full_like(aw, float("inf"))
+    return ref.wf_conv2d(x, w, b, aw, ab, lab, *conv)
+
+
+def _close(a, b, rtol=1e-5):
+    if b is None:
+        assert a is None
+        return
+    scale = max(b.abs().max().item(), 1e-3)
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale)
+
+
+def _compare(geom, mix, bias=True, alpha_b=True, x_grad=True, oracles=(_ref_conv, ref.wf_conv2d_literal),
+             channels_last=False):
+    k, s, p, d = geom
+    labels, n = LABEL_MIXES[mix]
+    x, w, b, aw, ab, lab = _inputs(k, labels, n, bias, alpha_b)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, dy, dx, daw, dab = _run(wf_conv2d_triton, x, w, b, aw, ab, lab, (s, p, d), x_grad=x_grad)
+    for oracle in oracles:
+        y_r, _, dx_r, daw_r, dab_r = _run(oracle, x, w, b, aw, ab, lab, (s, p, d), dy=dy, x_grad=x_grad)
+        _close(y, y_r)
+        _close(dx, dx_r)
+        _close(daw, daw_r)
+        _close(dab, dab_r)
+    for c in sorted(set(range(n)) - set(labels)):  # absent class: exactly zero
+        assert torch.equal(daw[c], torch.zeros_like(daw[c]))
+        if dab is not None:
+            assert torch.equal(dab[c], torch.zeros_like(dab[c]))
+    return y, dx
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=lambda g: "k{}s{}p{}d{}".format(*g))
+def test_geometries_match_reference_and_literal(geom):
+    _compare(geom, "absent")
+
+
+@pytest.mark.parametrize("mix", ["same", "distinct5"])
+@pytest.mark.parametrize("bias,alpha_b", [(True, True), (False, True), (True, False)])
+def test_label_mixes_and_bias(mix, bias, alpha_b):
+    _compare((1, 2, 0, 2), mix, bias=bias, alpha_b=alpha_b)
+
+
+def test_input_without_grad_and_channels_last():
+    _compare((3, 2, 1, 2), "absent", x_grad=False, oracles=(_ref_conv,))
+    y, dx = _compare((3, 1, 1, 1), "same", channels_last=True, oracles=(_ref_conv,))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_weights_frozen_get_no_grad():
+    x, w, b, aw, ab, lab = _inputs(1, [1, 0, 1, 1, 0], 3, True, True, o=8)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    aw.requires_grad_(True)
+    wf_conv2d_triton(x, w, b, aw, ab, lab, 2, 0, 1).sum().backward()
+    assert w.grad is None and b.grad is None and aw.grad is not None
+
+
+def test_groups_error_and_dispatch_fallback():
+    x, w, b, aw, ab, lab = _inputs(1, [1, 0, 2, 1, 0], 3, True, True, o=8)
+    wg = w[:, :1].clone()  # [8, 1, 1, 1]: a depthwise (groups=8) weight for 8 input channels
+    x8 = x[:, :8].contiguous()
+    with pytest.raises(ValueError, match="groups=1"):
+        wf_conv2d_triton(x8, wg, b, aw, ab, lab)
+    with use_backend("triton"):  # the dispatcher falls back to the reference for groups != 1
+        y = wf_conv2d(x8, wg, b, aw, ab, lab, 1, 0, 1, groups=8)
+        y1 = wf_conv2d(x, w, b, aw, ab, lab, (2, 1), 0, 1)
+    torch.testing.assert_close(y, ref.wf_conv2d(x8, wg, b, aw, ab, lab, 1, 0, 1, 8))
+    torch.testing.assert_close(y1, ref.wf_conv2d(x, w, b, aw, ab, lab, (2, 1), 0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_geometry_raises():
+    x, w, b, aw, ab, lab = _inputs(7, [1, 0, 2, 1, 0], 3, True, True, o=8)
+    with pytest.raises(ValueError, match="empty"):
+        wf_conv2d_triton(x, w, b, aw, ab, lab, 1, 0, 3)
+    with pytest.raises(ValueError, match="string padding"):
+        wf_conv2d_triton(x, w, b, aw, ab, lab, 1, "same", 1)
+
+
+def test_gradcheck_reference_fp64():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(4, 2, 3, 3, dtype=torch.float64, generator=gen)
+    b = torch.randn(4, dtype=torch.float64, generator=gen)
+    aw = torch.randn(3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    ab = torch.randn(3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    lab = torch.tensor([2, 0, 2])
+    args = (x, w, b, aw, ab, lab, 2, 1, 2)
+    assert torch.autograd.gradcheck(ref.wf_conv2d, args)
+    assert torch.autograd.gradcheck(ref.wf_conv2d_literal, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 and large shapes)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("geom", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (7, 2, 3, 1)])
+def test_gpu_large(dtype, geom):
+    k, s, p, d = geom
+    gen = torch.Generator().manual_seed(3)
+    n, o, c = 10, 128, 64
+    x = torch.randn(32, c, 28, 28, generator=gen).cuda().to(dtype)
+    w = (torch.randn(o, c, k, k, generator=gen) / (c * k * k) ** 0.5).cuda().to(dtype)
+    b = torch.randn(o, generator=gen).cuda().to(dtype)
+    aw = (torch.randn(n, o, generator=gen) * 2).clamp(-3, 3).cuda()
+    ab = (torch.randn(n, o, generator=gen) * 2).clamp(-3, 3).cuda()
+    lab = torch.randint(0, n - 1, (32,), generator=gen).cuda()
+    y, dy, dx, daw, dab = _run(wf_conv2d_triton, x, w, b, aw, ab, lab, (s, p, d))
+    y_r, _, dx_r, daw_r, dab_r = _run(ref.wf_conv2d, x.float(), w.float(), b.float(), aw, ab, lab, (s, p, d),
+                                      dy=dy.float())
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3  # TF32 / bf16 inputs, fp32 accumulation
+    for a, r in ((y, y_r), (dx, dx_r), (daw, daw_r), (dab, dab_r)):
+        assert (a.float() - r).norm() <= tol * r.norm()
+    assert torch.equal(daw[n - 1], torch.zeros_like(daw[n - 1]))
