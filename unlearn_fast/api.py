@@ -89,6 +89,7 @@ def _record_time(run_dir: Path, key: str, seconds: float) -> None:
 def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", run_dir: str | Path | None = None, *,
           seed: int = 0, device: str | torch.device | None = None, img_size: int | None = None,
           in_chans: int | None = None, evaluate: bool | None = None, retrain: bool = False,
+          forget: list[int] | str | None = None,
           progress: bool = True, original_hparams: dict[str, Any] | None = None, **hparams: Any) -> TrainResult:
     """Train or unlearn with ``method`` (see ``unlearn_fast.methods.list_methods()``).
 
@@ -105,6 +106,8 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
         img_size = _default_img_size(model, data)
     cfg = _open_run(run_dir, {"model": model, "data": data, "seed": seed, "img_size": img_size, "in_chans": in_chans})
     ctx = _context(run_dir, cfg, device, progress)
+    if forget is not None:
+        ctx.forget = _forget_classes(forget, ctx)
     meth = create_method(method, **hparams)
     if method not in ("original", "retrain") and not (run_dir / "original.safetensors").exists():
         t0 = time.perf_counter()
@@ -123,6 +126,21 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
     if evaluate if evaluate is not None else method == "wf":
         metrics = globals()["evaluate"](run_dir, device=device, progress=progress)
     return TrainResult(out.model, metrics, run_dir, out.info)
+
+
+def _forget_classes(forget: list[int] | str, ctx) -> list[int]:
+    """Explicit class list (ints or "1,4"). Other request forms are resolved by ``unlearn_fast.forget``."""
+    if isinstance(forget, str):
+        try:
+            from unlearn_fast.forget import resolve_forget_request
+        except ImportError:
+            return [int(c) for c in forget.split(",")]
+        return resolve_forget_request(forget, ctx)
+    classes = sorted({int(c) for c in forget})
+    bad = [c for c in classes if not 0 <= c < ctx.data.num_classes]
+    if bad or not classes:
+        raise ValueError(f"forget classes must be a non-empty subset of [0, {ctx.data.num_classes}), got {forget}")
+    return classes
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ class RunContext:
     seed: int = 0
     progress: bool = True
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    forget: list[int] | None = None       # the forget request's classes (unlearning methods)
 
     def new_model(self) -> nn.Module:
         from unlearn_fast.models import create

@@ -42,6 +42,7 @@ class LoopConfig:
     seed: int = 0
     drop_last: bool = False
     ckpt_interval_s: float = 30.0         # also checkpoint at every evaluation
+    amp: bool = False                     # bf16 autocast of loss_fn on CUDA
     progress: bool = True
     desc: str = "train"
 
@@ -61,14 +62,29 @@ def _n_batches(n: int, bs: int, drop_last: bool) -> int:
     return n // bs if drop_last else math.ceil(n / bs)
 
 
+def _to(batch: Any, device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
 def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str, Tensor]],
         trainable: Sequence[Tensor], optimizer: torch.optim.Optimizer, dataset, cfg: LoopConfig,
         loss_fn: Callable[[Any, dict], Tensor], val_fn: Callable[[], float] | None,
         state_path: str | Path, generators: dict[str, torch.Generator] | None = None,
         after_step: Callable[[], None] | None = None, device: torch.device | str = "cpu",
-        log_path: str | Path | None = None, load_best: Callable[[dict[str, Tensor]], None] | None = None) -> LoopResult:
+        log_path: str | Path | None = None, load_best: Callable[[dict[str, Tensor]], None] | None = None,
+        batches: Callable[[int, int], Any] | None = None, n_batches: int | None = None) -> LoopResult:
     """Run the loop; resumes from ``state_path`` if it exists. ``params_owner`` gives the state dict
-    that is checkpointed and kept as "best" (a module, modules, or a callable returning tensors)."""
+    that is checkpointed and kept as "best" (a module, modules, or a callable returning tensors).
+
+    Data: either ``dataset`` (shuffled per epoch by :func:`make_loader`), or ``batches(epoch, start)``
+    returning that epoch's micro-batches from index ``start`` on (deterministic in (epoch, start)),
+    with ``n_batches`` per epoch - e.g. paired forget/retain batches."""
     generators = dict(generators or {})
     trainable = list(trainable)
     state_path = Path(state_path)
@@ -90,9 +106,10 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
         else:
             raise RuntimeError("fit(): pass load_best= to restore a non-module params_owner")
 
-    n_micro = _n_batches(len(dataset), cfg.batch_size, cfg.drop_last)
-    if n_micro == 0:
-        raise ValueError(f"{cfg.desc}: dataset of {len(dataset)} samples gives no batch of {cfg.batch_size}")
+    n_micro = n_batches if batches is not None else _n_batches(len(dataset), cfg.batch_size, cfg.drop_last)
+    if not n_micro:
+        raise ValueError(f"{cfg.desc}: the data gives no batch (dataset of {len(dataset) if dataset is not None else 0} "
+                         f"samples, batch {cfg.batch_size})")
     eval_points = sorted({max(1, round(n_micro * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)})
     sign = 1.0 if cfg.mode == "max" else -1.0
 
@@ -132,11 +149,15 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
     log_f = open(log_path, "a") if log_path else None
     try:
         while not st["done"] and st["epoch"] < cfg.max_epochs:
-            loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=st["epoch"],
-                                 start_batch=st["micro"], drop_last=cfg.drop_last)
+            if batches is not None:
+                loader = batches(st["epoch"], st["micro"])
+            else:
+                loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=st["epoch"],
+                                     start_batch=st["micro"], drop_last=cfg.drop_last)
             for batch in loader:
-                batch = [b.to(device, non_blocking=True) if torch.is_tensor(b) else b for b in batch]
-                loss = loss_fn(batch, {"epoch": st["epoch"], "micro": st["micro"], "step": st["steps"]})
+                batch = _to(batch, device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and torch.device(device).type == "cuda"):
+                    loss = loss_fn(batch, {"epoch": st["epoch"], "micro": st["micro"], "step": st["steps"]})
                 (loss / cfg.grad_accum).backward()
                 st["micro"] += 1
                 st["accum"] += 1
