@@ -24,7 +24,7 @@ def _extensions():
     import torch
 
     use_cuda = bool(cu) and not skip_cuda and torch.version.cuda is not None and ce.CUDA_HOME is not None
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
     define = []
     if use_cuda:
         # Hopper is the target GPU; override with TORCH_CUDA_ARCH_LIST for others.
@@ -34,7 +34,7 @@ def _extensions():
             cpp + cu,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define + [("UNLEARN_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
         )
     else:
         ext = ce.CppExtension(

@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import nn
 
-__all__ = ["train", "evaluate", "TrainResult", "default_device"]
+__all__ = ["train", "evaluate", "compare", "TrainResult", "default_device"]
 
 _RUN_KEYS = ("model", "data", "seed", "img_size", "in_chans", "val_fraction", "test_fraction", "max_per_class")
 
@@ -184,3 +184,11 @@ def evaluate(run_dir: str | Path, *, device: str | torch.device | None = None, b
     if report:
         write_report(run_dir, metrics)
     return metrics
+
+
+def compare(*args: Any, **kwargs: Any):
+    """Several unlearning methods x one forget request x one original model -> metrics.json, report.md and
+    figures (EC Table 1, Fig. 2, Fig. 3); see :func:`unlearn_fast.compare.compare` for the arguments."""
+    from unlearn_fast.compare import compare as _compare
+
+    return _compare(*args, **kwargs)

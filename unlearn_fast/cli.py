@@ -1,4 +1,4 @@
-"""``unlearn-fast``: demo | train | evaluate | report | list.
+"""``unlearn-fast``: demo | train | evaluate | report | compare | list.
 
 Every subcommand takes ``--config FILE.yaml`` whose keys are the long option names (``run_dir``,
 ``model``, ``data``, ``method``, ``seed``, ...) plus an ``hparams:`` mapping; flags given on the
@@ -153,6 +153,46 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_method_sets(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--set ga.lr=0.01`` -> ``{"ga": {"lr": 0.01}}`` (values parsed as YAML)."""
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in _parse_set(items).items():
+        meth, dot, key = k.rpartition(".")
+        if not dot or not meth or not key:
+            raise SystemExit(f"compare --set expects METHOD.KEY=VALUE (e.g. ga.lr=0.01), got {k!r}")
+        out.setdefault(meth, {})[key] = v
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import unlearn_fast
+    from unlearn_fast.evaluation.compare_report import compare_table_markdown
+
+    cfg = _merged(args, ["run_dir", "device", "model", "data", "seed", "img_size", "in_chans", "forget", "methods",
+                         "tsne_method"])
+    cfg.pop("hparams", None)
+    file_hp = (_load_config(getattr(args, "config", None)).get("hparams") or {})
+    hp = {m: dict(v or {}) for m, v in file_hp.items()}
+    for m, v in _parse_method_sets(args.set).items():
+        hp.setdefault(m, {}).update(v)
+    orig_hp = dict(cfg.get("original_hparams") or {})
+    orig_hp.update(_parse_set(args.original_set))
+    methods = cfg.get("methods")
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not methods or cfg.get("forget") is None:
+        raise SystemExit("compare needs --methods (e.g. ft,ga,ec) and --forget (e.g. 1,3 | random:2 | similar:2:SPEC)")
+    forget = cfg["forget"]
+    forget = ",".join(map(str, forget)) if isinstance(forget, list) else str(forget)
+    kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "tsne_method")
+          if cfg.get(k) is not None}
+    res = unlearn_fast.compare(methods=methods, forget=forget, hparams=hp, original_hparams=orig_hp or None,
+                               progress=not args.quiet, **kw)
+    print(compare_table_markdown(res.metrics))
+    print(f"report: {res.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unlearn-fast", description="Make an image classifier forget classes, fast, and prove it.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -174,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="re-write report.md and figures from metrics.json")
     _common(r)
     r.set_defaults(func=cmd_report)
+    c = sub.add_parser("compare", help="several unlearning methods on one original model and forget request: "
+                       "metrics.json, report.md (EC Table 1) and figures")
+    _common(c)
+    c.add_argument("--methods", help="comma-separated method names, e.g. ft,ga,scrub,ec (unlearn-fast list)")
+    c.add_argument("--forget", help="forget request: 3 | 1,4,7 | random:K | similar:K:DATASET_SPEC")
+    c.add_argument("--model", help="backbone name (unlearn-fast list)")
+    c.add_argument("--data", help="dataset spec: digits | idx:DIR | cifar10:DIR | cifar100:DIR | folder:DIR | faces:DIR")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--img-size", dest="img_size", type=int, help="input size in px (default 32; the small CNN keeps the data's size)")
+    c.add_argument("--in-chans", dest="in_chans", type=int, help="input channels (default: the data's)")
+    c.add_argument("--tsne-method", dest="tsne_method", help="method shown in the t-SNE figure (default: best H-Mean)")
+    c.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="override a method hyper-parameter (repeatable)")
+    c.add_argument("--original-set", dest="original_set", action="append", metavar="KEY=VALUE",
+                   help="override the original / retrained models' recipe (e.g. max_epochs=20)")
+    c.set_defaults(func=cmd_compare)
     li = sub.add_parser("list", help="methods, models, datasets, extension status")
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=cmd_list)

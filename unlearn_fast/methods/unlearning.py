@@ -23,7 +23,7 @@ from unlearn_fast.methods.base import Method, MethodOutput, RunContext
 from unlearn_fast.methods.loop import LoopConfig, LoopResult, fit
 from unlearn_fast.models.io import load_model, save_model
 
-__all__ = ["UnlearnHparams", "UnlearnContext", "UnlearningMethod", "PairedBatches", "hmean", "make_optimizer"]
+__all__ = ["UnlearnHparams", "UnlearnContext", "UnlearningMethod", "PairedBatches", "hmean", "make_optimizer", "SELECT_BY"]
 
 
 def hmean(values: Sequence[float]) -> float:
@@ -53,6 +53,18 @@ class UnlearnHparams:
     patience: int | None = None            # early stopping on that score (in evaluations)
     max_steps: int | None = None
     amp: bool = True                       # bf16 autocast on CUDA
+    select_by: str = "hmean"               # validation score for the best state / early stopping: see SELECT_BY
+
+
+# Validation scores (all in [0, 1], higher is better) for ``UnlearnHparams.select_by``; FA / RA are the
+# forget / retain accuracy and CKA the linear CKA to the original model at the layer before the
+# classifier on the validation forget samples - the EC App. B.6 H-Mean terms available on validation.
+SELECT_BY = {
+    "hmean": "H-Mean(1 - FA, RA)",
+    "hmean_cka": "H-Mean(1 - FA, RA, 1 - CKA)",
+    "forget": "1 - FA",
+    "retain": "RA",
+}
 
 
 def make_optimizer(params, hp: UnlearnHparams, lr: float | None = None) -> torch.optim.Optimizer:
@@ -170,7 +182,10 @@ class UnlearningMethod(Method):
 
     # -- shared pieces ---------------------------------------------------------------------
     def validation_score(self, u: UnlearnContext, model: nn.Module) -> float:
-        """H-Mean of (1 - forget accuracy, retain accuracy) on the validation split, in [0, 1]."""
+        """The ``select_by`` score on the validation split, in [0, 1] (default: H-Mean of 1 - FA and RA)."""
+        sel = getattr(self.hp, "select_by", "hmean")
+        if sel not in SELECT_BY:
+            raise ValueError(f"{self.name}: select_by must be one of {sorted(SELECT_BY)}, got {sel!r}")
         logits, y = predict_logits(model, u.data.val, u.device)
         if not len(y):
             return float("nan")
@@ -178,7 +193,30 @@ class UnlearningMethod(Method):
         f = torch.isin(y, torch.tensor(u.forget_classes))
         fa = float((pred[f] == y[f]).float().mean()) if f.any() else 0.0
         ra = float((pred[~f] == y[~f]).float().mean()) if (~f).any() else 1.0
-        return hmean([1.0 - fa, ra])
+        if sel == "forget":
+            return 1.0 - fa
+        if sel == "retain":
+            return ra
+        terms = [1.0 - fa, ra]
+        if sel == "hmean_cka":
+            terms.append(1.0 - self._validation_cka(u, model))
+        return hmean(terms)
+
+    def _validation_cka(self, u: UnlearnContext, model: nn.Module) -> float:
+        """Linear CKA to the original model at the layer before the classifier, validation forget samples
+        (NaN - left out of the H-Mean - when the model is not a created backbone or there are < 2 samples)."""
+        from unlearn_fast.evaluation.metrics import LinearCKA
+        from unlearn_fast.evaluation.unlearn_eval import penultimate_layer
+
+        fset = u.forget_set("val")
+        if len(fset) < 2 or getattr(model, "unlearn_fast_name", None) is None:
+            return float("nan")
+        cka = LinearCKA(model, u.original, [penultimate_layer(model)])
+        try:
+            res = cka.run(DataLoader(fset, batch_size=512, shuffle=False), u.device, progress=False)
+        finally:
+            cka.remove_hooks()
+        return float(res["cka"][0])
 
     def stage(self, u: UnlearnContext, name: str, model: nn.Module, loss_fn: Callable[[dict, dict], Tensor], *,
               params: Sequence[Tensor] | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -186,12 +224,15 @@ class UnlearningMethod(Method):
               retain: Dataset | None | str = "default", batch_size: int | None = None, omega: int | None = None,
               owner: nn.Module | Sequence[nn.Module] | None = None, select_best: bool | None = None,
               after_step: Callable[[], None] | None = None, generators: dict[str, torch.Generator] | None = None,
-              evaluate_model: nn.Module | None = None) -> LoopResult:
+              evaluate_model: nn.Module | None = None,
+              batches: Callable[[int, int], Iterator[dict]] | None = None, n_batches: int | None = None) -> LoopResult:
         """One resumable training stage over paired batches ``{"forget": (x, y) | None, "retain": (x, y) | None}``.
 
         ``loss_fn(batch, info)`` returns the loss of one step. Evaluation during unlearning runs
         ``evals_per_epoch`` times per epoch; with ``select_best`` the state with the best validation
         H-Mean is restored at the end (EC-style model selection; off = keep the last state).
+        ``batches(epoch, start)`` with ``n_batches`` per epoch replaces the paired batches by another
+        deterministic batch order (e.g. SalUn's sequential forget-pass-then-retain-pass epochs).
         """
         hp = self.hp
         params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
@@ -199,7 +240,11 @@ class UnlearningMethod(Method):
         fset = u.forget_set() if forget == "default" else forget
         rset = u.retain_set() if retain == "default" else retain
         bs = batch_size or hp.batch_size
-        pb = PairedBatches(fset, rset, bs, hp.retain_batch_size or bs, omega or hp.omega, drive, u.run.seed)
+        if batches is None:
+            pb = PairedBatches(fset, rset, bs, hp.retain_batch_size or bs, omega or hp.omega, drive, u.run.seed)
+            batches, n_batches = pb, len(pb)
+        elif not n_batches:
+            raise ValueError(f"{self.name} {name}: batches= needs n_batches= (micro-batches per epoch, > 0)")
         sel = hp.select_best if select_best is None else select_best
         eval_m = evaluate_model or model
 
@@ -217,13 +262,15 @@ class UnlearningMethod(Method):
                          seed=u.run.seed, amp=hp.amp, progress=u.run.progress, desc=f"{self.name} {name}")
         res = fit(params_owner=owner if owner is not None else model, trainable=params, optimizer=opt, dataset=None,
                   cfg=cfg, loss_fn=step, val_fn=val if sel else None, state_path=u.state_path(name),
-                  generators=generators, after_step=after_step, device=u.device, batches=pb, n_batches=len(pb))
+                  generators=generators, after_step=after_step, device=u.device, batches=batches, n_batches=n_batches)
         model.eval()
         return res
 
     def run(self, ctx: RunContext) -> MethodOutput:
         if not ctx.forget:
             raise ValueError(f"{self.name}: no forget request; pass forget=[classes] (or 'random:K', 'similar:K:SPEC')")
+        if getattr(self.hp, "select_by", "hmean") not in SELECT_BY:
+            raise ValueError(f"{self.name}: select_by must be one of {sorted(SELECT_BY)}, got {self.hp.select_by!r}")
         out = ctx.run_dir / f"{self.name}.safetensors"
         orig_path = ctx.run_dir / "original.safetensors"
         if out.exists():

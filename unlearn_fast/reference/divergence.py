@@ -50,7 +50,9 @@ def js_divergence_ref(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     """JS divergence of softmax(p_logits) and softmax(q_logits) per row, natural log: [B, C] -> [B] in [0, ln 2]."""
     check_logits_pair(p_logits, q_logits, "js_divergence")
     lp, lq = _log_probs(p_logits, q_logits)
-    lm = torch.logaddexp(lp, lq) - LN2  # log of the mixture (p + q) / 2
+    # log of the mixture (p + q) / 2 as hi + log1p(expm1(lo - hi) / 2): exactly lp when lp == lq
+    hi, lo = torch.maximum(lp, lq), torch.minimum(lp, lq)
+    lm = torch.where(hi == float("-inf"), hi, hi + torch.log1p(0.5 * torch.expm1(lo - hi)))
     js = 0.5 * (_xlogy_term(lp, lm) + _xlogy_term(lq, lm)).sum(-1)
     return js.clamp(0.0, LN2).to(_out_dtype(p_logits))
 

@@ -1,0 +1,144 @@
+"""``unlearn_fast.compare`` / ``unlearn-fast compare`` (issue 6 item 8) on digits with the small CNN and a
+2-class forget request: the table, metrics.json, figures, failures, resume, and the H-Mean of EC App. B.6."""
+import json
+import math
+
+import pytest
+import torch
+
+import unlearn_fast
+from unlearn_fast.cli import main
+from unlearn_fast.evaluation.unlearn_eval import evaluate_unlearned, h_mean, hmean_scores
+
+FAST = dict(model="small_cnn", data="digits", forget="1,3", device="cpu", progress=False,
+            original_hparams={"max_epochs": 4}, tsne_neighbors=3, tsne_max_per_class=12)
+METHODS = ["ft", "ga", "no_such_method"]
+HP = {"ft": {"epochs": 2}, "ga": {"epochs": 2, "lr": 0.01}}
+KEYS = ("FA", "RA", "TFA", "TRA", "CKA", "JS", "ZRF", "H-Mean", "time_s", "cka_layers", "cka_retrain_layers",
+        "hmean_scores", "cka_layer")
+
+
+@pytest.fixture(scope="module")
+def cmp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cmp")
+    return unlearn_fast.compare(methods=METHODS, run_dir=d, hparams=HP, **FAST)
+
+
+def test_metrics_json_rows_and_keys(cmp):
+    m = json.loads((cmp.run_dir / "metrics.json").read_text())
+    assert m["kind"] == "compare" and m["forget"] == [1, 3]
+    assert m["order"] == ["original", "retrain", *METHODS]
+    for name in ("original", "retrain", "ft", "ga"):
+        row = m["rows"][name]
+        assert row["status"] == "ok", row.get("error")
+        for k in KEYS:
+            assert k in row, (name, k)
+        for k in ("FA", "RA", "TFA", "TRA", "CKA"):
+            assert 0 <= row[k] <= 100 + 1e-6, (name, k, row[k])
+        assert 0 <= row["JS"] <= math.log(2) and 0 <= row["ZRF"] <= 1
+        assert list(row["cka_layers"]) == ["block1", "block2", "block3", "pool", "fc"] and row["cka_layer"] == "pool"
+        # the row's H-Mean is EC Eq. 4 over exactly its five normalised scores
+        s = row["hmean_scores"]
+        assert sorted(s) == ["CKA", "FA", "RA", "TFA", "TRA"]
+        assert s["FA"] == pytest.approx(100 - row["FA"]) and s["TRA"] == pytest.approx(row["TRA"])
+        assert row["H-Mean"] == pytest.approx(h_mean(list(s.values())))
+    o, r = m["rows"]["original"], m["rows"]["retrain"]
+    assert o["CKA"] == pytest.approx(100, abs=1e-6) and o["H-Mean"] == pytest.approx(0, abs=1e-6)  # s_CKA = 0 for the original itself
+    assert r["JS"] == pytest.approx(0, abs=1e-6) and r["CKA_retrain"] == pytest.approx(100, abs=1e-6)
+    assert r["FA"] == 0 and r["TFA"] == 0 and o["TFA"] > 50  # never trained on the forget classes
+    assert m["rows"]["ft"]["time_s"] > 0 and m["rows"]["ga"]["time_s"] > 0
+    assert m["rows"]["ga"]["TFA"] < o["TFA"]
+
+
+def test_failed_method_is_reported_and_others_ran(cmp):
+    row = cmp.metrics["rows"]["no_such_method"]
+    assert row["status"] == "failed" and "unknown method 'no_such_method'" in row["error"]
+
+
+def test_report_table_and_figures(cmp):
+    rep = (cmp.run_dir / "report.md").read_text()
+    assert "| Method | FA↓ | RA↑ | TFA↓ | TRA↑ | CKA↓ | JS↓ | ZRF | H-Mean↑ | Time (s) |" in rep
+    for label in ("| Original |", "| Retrained |", "| ft |", "| ga |", "| no_such_method | failed:"):
+        assert label in rep, label
+    ga = cmp.metrics["rows"]["ga"]
+    assert f"| ga | {ga['FA']:.2f} | {ga['RA']:.2f} |" in rep
+    for key in ("cka_layers", "tsne"):
+        p = cmp.run_dir / cmp.figures[key]
+        assert p.exists() and p.stat().st_size > 5000, key
+        assert cmp.figures[key] in rep
+    assert cmp.metrics["tsne"]["method"] in ("ft", "ga") and len(cmp.metrics["tsne"]["retain_classes"]) == 3
+
+
+def test_rerun_skips_finished_methods_and_cli(cmp, capsys, monkeypatch):
+    before = json.loads((cmp.run_dir / "metrics.json").read_text())
+    calls = []
+    from unlearn_fast.methods.unlearning import UnlearningMethod
+
+    orig_run = UnlearningMethod.run
+    monkeypatch.setattr(UnlearningMethod, "run", lambda self, ctx: calls.append(self.name) or orig_run(self, ctx))
+    rc = main(["compare", "--run-dir", str(cmp.run_dir), "--methods", "ft,ga", "--forget", "1,3", "--device", "cpu",
+               "--quiet", "--set", "ft.epochs=2", "--set", "ga.epochs=2", "--set", "ga.lr=0.01",
+               "--original-set", "max_epochs=4"])
+    assert rc == 0 and calls == []  # both were finished: nothing re-ran
+    out = capsys.readouterr().out
+    assert "| ft |" in out and "report:" in out
+    after = json.loads((cmp.run_dir / "metrics.json").read_text())
+    assert after["rows"]["ga"] == before["rows"]["ga"]
+    # another forget request in the same run dir is refused with a clear message
+    with pytest.raises(ValueError, match="one forget request"):
+        unlearn_fast.compare(methods=["ft"], run_dir=cmp.run_dir, **{**FAST, "forget": "2"})
+    # changed hyper-parameters of a finished method are reported, not silently reused
+    res = unlearn_fast.compare(methods=["ga"], run_dir=cmp.run_dir, hparams={"ga": {"epochs": 3}}, figures=False,
+                               **FAST)
+    assert res.metrics["rows"]["ga"]["status"] == "failed" and "changed" in res.metrics["rows"]["ga"]["error"]
+
+
+def test_hmean_numeric():
+    s = hmean_scores(FA=10, RA=90, TFA=20, TRA=80, CKA=60)
+    assert s == {"FA": 90, "TFA": 80, "CKA": 40, "RA": 90, "TRA": 80}
+    assert h_mean(list(s.values())) == pytest.approx(5 / (2 / 90 + 2 / 80 + 1 / 40))  # 69.2307...
+    assert h_mean(list(s.values())) == pytest.approx(69.23076923)
+    full = hmean_scores(FA=0, RA=100, TFA=0, TRA=100, CKA=0, knn_gaps=[-3.0, 5.0], IDI=0.95)
+    assert full["kNN0"] == 97 and full["kNN1"] == 95 and full["IDI"] == pytest.approx(10.0)  # clip(0.05) -> 0.1
+    assert hmean_scores(IDI=-0.2)["IDI"] == pytest.approx(80.0)
+    assert h_mean([50, 0, 90]) == 0.0 and math.isnan(h_mean([]))
+
+
+def test_evaluate_unlearned_self_and_checks():
+    from unlearn_fast.data import load
+    from unlearn_fast.models import create
+
+    data = load("digits")
+    torch.manual_seed(0)
+    m = create("small_cnn", num_classes=10, in_chans=1, img_size=8)
+    r = evaluate_unlearned(m, m, data, [0, 9], retrained=m)
+    assert r["CKA"] == pytest.approx(100) and r["JS"] == pytest.approx(0, abs=1e-7)
+    assert all(v == pytest.approx(100) for v in r["cka_layers"].values())
+    assert r["n"]["test_forget"] == int(torch.isin(data.targets["test"], torch.tensor([0, 9])).sum())
+    no_ret = evaluate_unlearned(m, m, data, [4])
+    assert no_ret["JS"] is None and no_ret["cka_retrain_layers"] is None
+    with pytest.raises(ValueError, match="subset of 0..9"):
+        evaluate_unlearned(m, m, data, [10])
+
+
+def test_select_by_scores(cmp):
+    """UnlearnHparams.select_by: the validation score that picks the best state during unlearning."""
+    from unlearn_fast.api import _context
+    from unlearn_fast.methods import create_method
+    from unlearn_fast.methods.unlearning import SELECT_BY, UnlearnContext, hmean
+    from unlearn_fast.models.io import load_model
+
+    import yaml
+
+    ctx = _context(cmp.run_dir, yaml.safe_load((cmp.run_dir / "config.yaml").read_text()), torch.device("cpu"), False)
+    ctx.forget = [1, 3]
+    orig = load_model(cmp.run_dir / "original.safetensors")
+    u = UnlearnContext(ctx, orig, [1, 3], "ft")
+    ga = load_model(cmp.run_dir / "ga.safetensors")
+    s = {k: create_method("ft", select_by=k).validation_score(u, ga) for k in SELECT_BY}
+    assert s["hmean"] == pytest.approx(hmean([s["forget"], s["retain"]]))
+    assert 0 <= s["hmean_cka"] <= 1 and s["hmean_cka"] != pytest.approx(s["hmean"])
+    # the original model against itself: CKA = 1, so 1 - CKA = 0 and the H-Mean with CKA is 0
+    assert create_method("ft", select_by="hmean_cka").validation_score(u, orig) == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        create_method("ft", select_by="nope").run(ctx)

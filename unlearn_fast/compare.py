@@ -1,0 +1,289 @@
+"""``unlearn_fast.compare``: several unlearning methods x one forget request x one original model, in the
+shape of EC Table 1 (issue 6 item 8).
+
+    res = unlearn_fast.compare(methods=["ft", "ga", "ec"], model="small_cnn", data="digits",
+                               forget="random:2", run_dir="runs/cmp", hparams={"ga": {"lr": 1e-3}})
+
+In ``run_dir`` it trains (once) the original model and the model retrained without all forget classes
+(``retrain/f<c1>-<c2>....safetensors``), runs every method on the same original model and forget
+request, times each method's wall clock, evaluates each one with
+:func:`unlearn_fast.evaluation.unlearn_eval.evaluate_unlearned`, and writes
+
+    metrics.json   {"kind": "compare", "forget": [...], "order": [...], "rows": {name: {...}}, ...}
+    report.md      the table (FA, RA, TFA, TRA, CKA, JS, ZRF, H-Mean, time) with Original and Retrained rows
+    figures/compare_cka_layers.png   layer-wise CKA to the original model (EC Fig. 2)
+    figures/compare_tsne.png         t-SNE of forget vs nearest retain classes (EC Fig. 3)
+
+A method that raises is recorded as failed (with the error) and the others still run. metrics.json is
+written after every method, so re-running the same call skips the methods already evaluated (a
+method interrupted mid-way resumes from its own checkpoint in ``state/``). A run directory holds ONE
+forget request for the unlearning methods (their files are ``<method>.safetensors``): asking for
+another one there is an error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["compare", "CompareResult"]
+
+
+@dataclass
+class CompareResult:
+    """What :func:`compare` returns: the metrics dict (as in metrics.json), and where the files are."""
+
+    metrics: dict[str, Any]
+    run_dir: Path
+    report: Path
+    figures: dict[str, str]
+
+
+def _plainify(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plainify(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plainify(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return _plainify(v.tolist())
+    return v
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_plainify(obj), indent=1, allow_nan=True))
+    tmp.replace(path)
+
+
+def _load_state(path: Path, forget: list[int]) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it to start the comparison again") from exc
+    if old.get("kind") != "compare":
+        raise ValueError(f"{path} holds another kind of result (a WF evaluation?); run the comparison in its own "
+                         "run_dir (it trains the original model there) or move that metrics.json away")
+    if old.get("forget") != forget:
+        raise ValueError(f"{path.parent} holds a comparison for forget classes {old.get('forget')}, asked {forget}: "
+                         "one run directory holds one forget request; use another run_dir")
+    return old
+
+
+def _same_hparams(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+    return a is None or json.loads(json.dumps(_plainify(a))) == json.loads(json.dumps(_plainify(b)))
+
+
+def _check_existing_model(path: Path, forget: list[int]) -> None:
+    """A ``<method>.safetensors`` left by an earlier run must be for the same forget request."""
+    if not path.exists():
+        return
+    from unlearn_fast.models.io import load_tensors
+
+    _, meta = load_tensors(path)
+    if "forget" in meta and sorted(int(c) for c in meta["forget"]) != forget:
+        raise ValueError(f"{path} was unlearned for forget classes {meta['forget']}, this comparison forgets {forget}; "
+                         "use another run_dir (one forget request per run directory) or delete that file")
+
+
+def _near_retain_classes(original, data, forget: list[int], k: int, device) -> list[int]:
+    """The ``k`` retain classes whose original class-mean penultimate features (train split) are closest
+    (cosine) to the forget classes' mean feature (EC Fig. 3: the retain classes most similar to the forget class)."""
+    from unlearn_fast.forget import class_mean_features, similar_classes
+
+    means = class_mean_features(original, data.train, data.num_classes, device)
+    target = means[forget].mean(0)
+    means = means.clone()
+    means[forget] = float("nan")
+    return similar_classes(means, target, min(k, data.num_classes - len(forget)))
+
+
+def _tsne_panels(models: dict[str, Any], data, classes: list[int], device, seed: int, max_per_class: int):
+    from unlearn_fast.evaluation.compare_report import tsne_embed
+    from unlearn_fast.evaluation.unlearn_eval import penultimate_features
+
+    mask = data.class_mask("test", classes=classes)
+    idx = torch.nonzero(mask).flatten()
+    y_all = data.targets["test"][idx]
+    keep = torch.cat([idx[y_all == c][:max_per_class] for c in classes])
+    from torch.utils.data import Subset
+
+    sub = Subset(data.test, keep.tolist())
+    panels = {}
+    for name, m in models.items():
+        f, y = penultimate_features(m, sub, device)
+        panels[name] = (tsne_embed(f, seed), y.numpy())
+    return panels
+
+
+def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digits",
+            forget: list[int] | str | int = "random:1", run_dir: str | Path | None = None, *,
+            hparams: dict[str, dict[str, Any]] | None = None, device: str | torch.device | None = None,
+            progress: bool = True, seed: int = 0, img_size: int | None = None, in_chans: int | None = None,
+            original_hparams: dict[str, Any] | None = None, retrain_hparams: dict[str, Any] | None = None,
+            tsne_method: str | None = None, tsne_neighbors: int = 9, tsne_max_per_class: int = 100,
+            figures: bool = True, batch_size: int = 512) -> CompareResult:
+    """Run ``methods`` on one original model and one forget request; evaluate, tabulate and plot them.
+
+    ``forget``: class list, ``"1,4"``, ``"random:K"`` or ``"similar:K:<dataset spec>"`` (resolved after the
+    original model exists). ``hparams[method]`` overrides that method's defaults; ``original_hparams``
+    the original model's recipe, ``retrain_hparams`` the retrained model's (default: ``original_hparams``).
+    ``tsne_method``: the method shown beside Original and Retrained in the t-SNE figure (default: the
+    best H-Mean). ``tsne_neighbors``: retain classes shown (EC Fig. 3: the 9 most similar).
+    """
+    from unlearn_fast.api import (_context, _default_img_size, _default_run_dir, _forget_classes, _open_run,
+                                  _record_time, default_device)
+    from unlearn_fast.evaluation.compare_report import plot_cka_layers, plot_tsne, write_compare_report
+    from unlearn_fast.evaluation.unlearn_eval import evaluate_unlearned
+    from unlearn_fast.methods import create_method
+    from unlearn_fast.methods.retrain import retrain_together_path
+    from unlearn_fast.methods.unlearning import UnlearningMethod
+    from unlearn_fast.models.io import load_model
+
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise ValueError("compare: give at least one method (unlearn_fast.methods.list_methods())")
+    hparams = dict(hparams or {})
+    extra = set(hparams) - set(methods)
+    if extra:
+        raise ValueError(f"compare: hparams given for {sorted(extra)}, which are not in methods={methods}")
+    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(model, data)
+    device = torch.device(device) if device is not None else default_device()
+    if img_size is None:
+        img_size = _default_img_size(model, data)
+    cfg = _open_run(run_dir, {"model": model, "data": data, "seed": seed, "img_size": img_size, "in_chans": in_chans})
+    ctx = _context(run_dir, cfg, device, progress)
+    seed = cfg.get("seed", seed)
+
+    if not (run_dir / "original.safetensors").exists():
+        t0 = time.perf_counter()
+        create_method("original", **(original_hparams or {})).run(ctx)
+        _record_time(run_dir, "original_s", time.perf_counter() - t0)
+    classes = _forget_classes(forget, ctx)
+    ctx.forget = classes
+    tag = "-".join(map(str, classes))
+
+    metrics_path = run_dir / "metrics.json"
+    state = _load_state(metrics_path, classes) or {"kind": "compare", "rows": {}}
+    state.update({"kind": "compare", "forget": classes, "forget_request": str(forget) if not isinstance(forget, list) else ",".join(map(str, forget)),
+                  "class_names": list(ctx.data.class_names), "order": ["original", "retrain", *methods],
+                  "run": {"name": run_dir.name, "model": cfg["model"], "data": cfg["data"], "seed": seed,
+                          "device": str(device), "torch": torch.__version__}})
+    rows: dict[str, Any] = state["rows"]
+
+    rpath = retrain_together_path(run_dir, classes)
+    if not rpath.exists():
+        t0 = time.perf_counter()
+        create_method("retrain", together=True, **(retrain_hparams if retrain_hparams is not None else (original_hparams or {}))).run(ctx)
+        _record_time(run_dir, f"retrain_f{tag}_s", time.perf_counter() - t0)
+    original = load_model(run_dir / "original.safetensors", device)
+    retrained = load_model(rpath, device)
+    timing_path = run_dir / "timing.json"
+
+    def timing(key: str) -> float | None:
+        t = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+        return t.get(key)
+
+    def evaluate(m):
+        return evaluate_unlearned(m, original, ctx.data, classes, retrained=retrained, device=device,
+                                  batch_size=batch_size, seed=seed, progress=progress)
+
+    changed = False
+    for name, m, tkey in (("original", original, "original_s"), ("retrain", retrained, f"retrain_f{tag}_s")):
+        if rows.get(name, {}).get("status") != "ok":
+            changed = True
+            rows[name] = {"status": "ok", **evaluate(m), "time_s": timing(tkey)}
+            _write_json(metrics_path, state)
+
+    models_ok: dict[str, Any] = {}
+    for name in methods:
+        hp = dict(hparams.get(name) or {})
+        prev = rows.get(name)
+        try:
+            meth = create_method(name, **hp)
+            if not isinstance(meth, UnlearningMethod):
+                raise ValueError(f"{name!r} is not a class-unlearning method (an UnlearningMethod); compare runs those "
+                                 "- e.g. WF-Net is evaluated over every class by `unlearn-fast evaluate`")
+            hp_now = {"preset": meth.preset, **meth.hparams()}
+            out_path = run_dir / f"{name}.safetensors"
+            if prev and prev.get("status") == "ok":
+                if not _same_hparams(prev.get("hparams"), hp_now):
+                    raise ValueError(f"the hyper-parameters of {name!r} changed since its finished run in {run_dir} "
+                                     f"({prev.get('hparams')} -> {hp_now}); delete {out_path} and state/{name}.* to "
+                                     "run it again, or use another run_dir")
+                if out_path.exists():
+                    continue  # finished and evaluated: resume skips it
+            changed = True
+            _check_existing_model(out_path, classes)
+            resumed = out_path.exists() or any(ctx.state_dir.glob(f"{name}.*.pt"))
+            t0 = time.perf_counter()
+            out = meth.run(ctx)
+            seconds = time.perf_counter() - t0
+            if "skipped" in out.info:
+                seconds = timing(f"{name}_s")
+            else:
+                _record_time(run_dir, f"{name}_s", seconds)
+            row = evaluate(out.model)
+            rows[name] = {"status": "ok", **row, "time_s": seconds, "resumed": bool(resumed), "hparams": hp_now}
+        except Exception as exc:  # a failing method is reported; the others still run
+            changed = True
+            tb = traceback.format_exc().strip().splitlines()
+            rows[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": tb[-12:],
+                          "hparams": hp}
+        _write_json(metrics_path, state)
+
+    ok = [n for n in methods if rows.get(n, {}).get("status") == "ok"]
+    old_figs = dict(state.get("figures") or {})
+    if (figures and not changed and state.get("figure_methods") == ok and set(old_figs) == {"cka_layers", "tsne"}
+            and all((run_dir / f).exists() for f in old_figs.values()) and tsne_method in (None, state.get("tsne", {}).get("method"))):
+        figures = False  # nothing new since the figures were drawn: keep them
+        figs = old_figs
+    else:
+        figs = {}
+    state["cka_layer"] = rows["original"]["cka_layer"]
+    state["cka_layers_order"] = list(rows["original"]["cka_layers"])
+    if figures:
+        figs["cka_layers"] = str(plot_cka_layers(state, run_dir / "figures" / "compare_cka_layers.png").relative_to(run_dir))
+        show = tsne_method if tsne_method is not None else (max(ok, key=lambda n: _score(rows[n])) if ok else None)
+        if show is not None and rows.get(show, {}).get("status") != "ok":
+            raise ValueError(f"tsne_method={show!r} did not finish in this comparison (finished: {ok})")
+        panel_models = {"original": original, "retrain": retrained}
+        if show is not None:
+            panel_models[show] = load_model(run_dir / f"{show}.safetensors", device)
+        near = _near_retain_classes(original, ctx.data, classes, tsne_neighbors, device)
+        panels = _tsne_panels(panel_models, ctx.data, classes + near, device, seed, tsne_max_per_class)
+        figs["tsne"] = str(plot_tsne(panels, classes, ctx.data.class_names, run_dir / "figures" / "compare_tsne.png").relative_to(run_dir))
+        state["tsne_note"] = (f"t-SNE of the penultimate features on the test split: forget classes {classes} and the "
+                              f"{len(near)} retain classes nearest to them under the original model {near}; "
+                              f"method shown: {show}.")
+        state["tsne"] = {"method": show, "retain_classes": near}
+        state["figure_methods"] = ok
+    state["figures"] = figs
+    _write_json(metrics_path, state)
+    report = write_compare_report(run_dir, state, figs)
+    return CompareResult(json.loads(metrics_path.read_text()), run_dir, report, figs)
+
+
+def _score(row: dict[str, Any]) -> float:
+    v = row.get("H-Mean")
+    return -math.inf if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+class _CallableModule(types.ModuleType):
+    """``unlearn_fast.compare`` is this module once imported; calling it calls :func:`compare`, so that
+    ``unlearn_fast.compare(methods=[...], ...)`` works whatever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> CompareResult:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

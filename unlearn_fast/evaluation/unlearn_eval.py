@@ -1,0 +1,300 @@
+"""Evaluation of one unlearned model for one forget request, in the shape of EC Table 1.
+
+Metrics (accuracies and CKA in %, JS in nats, ZRF in [0, 1]):
+
+* ``FA`` / ``RA``: accuracy on the forget / retain classes of the **train** split;
+  ``TFA`` / ``TRA``: the same on the **test** split.
+* ``CKA``: linear CKA (exact, fp64 streaming sufficient statistics) between the model's and the
+  *original* model's features on the test forget set D_f^te, x100, at the penultimate layer - the
+  input of the final classifier, i.e. the layer before it in ``models.feature_layers`` (EC Sec. 4.1:
+  "penultimate-layer features"); ``cka_layers`` holds every named feature layer (EC Fig. 2), conv /
+  token outputs global-average-pooled (EC App. B.6). ``cka_retrain_layers``: the same against the
+  retrained model.
+* ``JS``: mean JS divergence (natural log) between the softmax of the model and of the model
+  retrained without the forget classes, on D_f^te (lower = closer to the gold standard).
+* ``ZRF``: 1 - mean JS(model, randomly initialised copy of the architecture) on D_f^te
+  (WF Eq. 4 / Chundawat et al.; the forward-KL JS of card 12, not the bad-teaching code's variant).
+* ``H-Mean`` (EC App. B.6, Eq. 4-5): the harmonic mean of the normalised scores in [0, 100], larger
+  is better, over the EC scores that are available here: s_FA = 100 - FA, s_TFA = 100 - TFA,
+  s_CKA = 100 - CKA, s_RA = RA, s_TRA = TRA (five of EC's nine; EC's k-NN downstream gaps,
+  s_kNN = 100 - |gap|, and s_IDI = 100 * clip(1 - |IDI|, 0.1, 1) enter through
+  :func:`hmean_scores` when given). JS and ZRF are reported but are not part of EC's H-Mean.
+  A score of 0 gives H-Mean 0.
+
+Passes: the model runs once over the train split and once over the test split; the original,
+retrained and random models run once over D_f^te only (their features are hooked in that pass).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["evaluate_unlearned", "hmean_scores", "h_mean", "random_model_like", "penultimate_layer",
+           "forget_accuracies", "penultimate_features"]
+
+
+def h_mean(scores: Sequence[float]) -> float:
+    """EC Eq. 4: ``len(s) / sum(1 / s)`` over scores in [0, 100]; 0 if any score is 0; NaN if none."""
+    vals = [float(s) for s in scores if s is not None and not math.isnan(float(s))]
+    if not vals:
+        return float("nan")
+    if any(v <= 0 for v in vals):
+        return 0.0
+    return len(vals) / sum(1.0 / v for v in vals)
+
+
+def hmean_scores(FA: float | None = None, RA: float | None = None, TFA: float | None = None,
+                 TRA: float | None = None, CKA: float | None = None, knn_gaps: Sequence[float] = (),
+                 IDI: float | None = None) -> dict[str, float]:
+    """EC Eq. 5 normalised scores (all in [0, 100], larger is better) of the metrics given (in %)."""
+    s: dict[str, float] = {}
+    if FA is not None:
+        s["FA"] = 100.0 - FA
+    if TFA is not None:
+        s["TFA"] = 100.0 - TFA
+    if CKA is not None:
+        s["CKA"] = 100.0 - CKA
+    if RA is not None:
+        s["RA"] = float(RA)
+    if TRA is not None:
+        s["TRA"] = float(TRA)
+    for i, g in enumerate(knn_gaps):
+        s[f"kNN{i}"] = 100.0 - abs(g)
+    if IDI is not None:
+        s["IDI"] = 100.0 * min(max(1.0 - abs(IDI), 0.1), 1.0)
+    return {k: min(max(v, 0.0), 100.0) for k, v in s.items() if not math.isnan(v)}
+
+
+def random_model_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A randomly initialised copy of ``model``'s architecture (ZRF's incompetent teacher), seeded."""
+    from unlearn_fast.models import create
+
+    cfg = dict(getattr(model, "unlearn_fast_config", None) or {})
+    if "name" not in cfg:
+        raise ValueError("random_model_like: the model was not made by unlearn_fast.models.create")
+    name = cfg.pop("name")
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        m = create(name, **cfg)
+    finally:
+        torch.set_rng_state(state)
+    return m.eval()
+
+
+def _classifier_module(model: nn.Module) -> nn.Module:
+    from unlearn_fast.models import feature_layers
+
+    name = getattr(model, "unlearn_fast_name", None)
+    if name is None:
+        raise ValueError("the model was not made by unlearn_fast.models.create: cannot find its final classifier layer")
+    return dict(model.named_modules())[feature_layers(model, name)[-1]]
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, dataset: Dataset, device: torch.device | str,
+                         batch_size: int = 512) -> tuple[Tensor, Tensor]:
+    """Input of the final classifier layer (hooked), flattened: ``([n, d] float32 on CPU, labels [n])``."""
+    grab: list[Tensor] = []
+    handle = _classifier_module(model).register_forward_hook(
+        lambda m, inp, out: grab.append(inp[0].flatten(1).float().cpu()))
+    model.eval()
+    ys = []
+    try:
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            model(x.to(device))
+            ys.append(torch.as_tensor(y))
+    finally:
+        handle.remove()
+    if not grab:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(grab), torch.cat(ys)
+
+
+def penultimate_layer(model: nn.Module) -> str:
+    """Name of the feature layer right before the final classifier (``feature_layers(...)[-2]``)."""
+    from unlearn_fast.models import feature_layers
+
+    names = feature_layers(model, model.unlearn_fast_name)
+    return names[-2] if len(names) >= 2 else names[-1]
+
+
+class _Acc:
+    """Correct / total counts on the forget and the retain classes."""
+
+    def __init__(self, forget: Tensor) -> None:
+        self.forget = forget
+        self.c = torch.zeros(2, dtype=torch.float64)
+        self.n = torch.zeros(2, dtype=torch.float64)
+
+    def update(self, logits: Tensor, y: Tensor) -> None:
+        f = torch.isin(y, self.forget.to(y.device))
+        ok = (logits.argmax(1) == y).double()
+        for i, m in enumerate((f, ~f)):
+            self.c[i] += ok[m].sum().cpu()
+            self.n[i] += m.sum().cpu()
+
+    def result(self) -> tuple[float, float]:
+        return tuple(float(100 * self.c[i] / self.n[i]) if self.n[i] > 0 else float("nan") for i in range(2))
+
+
+@torch.no_grad()
+def forget_accuracies(model: nn.Module, dataset: Dataset, forget: Sequence[int], device, batch_size: int = 512) -> tuple[float, float]:
+    """(forget accuracy, retain accuracy) in % of ``model`` on ``dataset``."""
+    acc = _Acc(torch.tensor(sorted(forget)))
+    model.eval()
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        acc.update(model(x.to(device)).float(), torch.as_tensor(y).to(device))
+    return acc.result()
+
+
+def _channels_last(model: nn.Module) -> bool:
+    """timm Swin blocks return ``[B, H, W, C]`` (channels last), every other backbone ``[B, C, H, W]``."""
+    return str(getattr(model, "unlearn_fast_name", "")).startswith("swin")
+
+
+class _Grab:
+    """Forward hooks keeping the globally average-pooled ``[B, d]`` output of named layers."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        from unlearn_fast.evaluation.metrics import pool_features
+
+        mods = dict(model.named_modules())
+        missing = [n for n in layers if n not in mods]
+        if missing:
+            raise ValueError(f"layers {missing} are not modules of {getattr(model, 'unlearn_fast_name', type(model).__name__)}; "
+                             "see unlearn_fast.models.feature_layers")
+        cl = _channels_last(model)
+        self.out: dict[str, Tensor] = {}
+        self.layers = list(layers)
+
+        def hook(name):
+            def fn(_m, _i, out):
+                t = out[0] if isinstance(out, (tuple, list)) else out
+                if cl and t.dim() == 4:
+                    t = t.permute(0, 3, 1, 2)
+                self.out[name] = pool_features(t, "avg").float()
+            return fn
+
+        self.handles = [mods[n].register_forward_hook(hook(n)) for n in layers]
+
+    def take(self) -> list[Tensor]:
+        return [self.out.pop(n) for n in self.layers]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _check(model: nn.Module, what: str) -> None:
+    if getattr(model, "unlearn_fast_name", None) is None:
+        raise ValueError(f"evaluate_unlearned: the {what} model was not made by unlearn_fast.models.create "
+                         "(load it with unlearn_fast.models.io.load_model)")
+
+
+def _loader(ds: Dataset, batch_size: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+def _pct(v: Any) -> float:
+    v = float(v)
+    return 100.0 * v if not math.isnan(v) else float("nan")
+
+
+@torch.no_grad()
+def evaluate_unlearned(model: nn.Module, original: nn.Module, data, forget: Sequence[int], *,
+                       retrained: nn.Module | None = None, layers: Sequence[str] | None = None,
+                       device: torch.device | str | None = None, batch_size: int = 512, seed: int = 0,
+                       random_model: nn.Module | None = None, progress: bool = False) -> dict[str, Any]:
+    """All metrics of the module docstring for ``model`` after forgetting ``forget`` (class ids).
+
+    ``data``: the run's ``DataBundle``; ``retrained``: the model trained without all forget classes
+    (``JS`` and ``cka_retrain_layers`` are ``None`` without it); ``layers``: CKA layers (default: every
+    ``models.feature_layers`` name; the penultimate layer is always added); ``random_model``: ZRF's
+    random copy (default: :func:`random_model_like` of ``original`` with ``seed``).
+    Returns a JSON-serialisable dict (floats; NaN where a set is empty).
+    """
+    from tqdm.auto import tqdm
+
+    from unlearn_fast.evaluation.metrics import ZRF, JSDivergence, LinearCKA
+    from unlearn_fast.models import feature_layers
+
+    for m, what in ((model, "unlearned"), (original, "original")) + (((retrained, "retrained"),) if retrained is not None else ()):
+        _check(m, what)
+    forget = sorted({int(c) for c in forget})
+    if not forget or any(not 0 <= c < data.num_classes for c in forget):
+        raise ValueError(f"evaluate_unlearned: forget classes {forget} must be a non-empty subset of 0..{data.num_classes - 1}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    pen = penultimate_layer(model)
+    layers = list(layers) if layers is not None else feature_layers(model, model.unlearn_fast_name)
+    if pen not in layers:
+        layers.append(pen)
+    rand = (random_model if random_model is not None else random_model_like(original, seed)).to(device).eval()
+    for m in (model, original, retrained):
+        if m is not None:
+            m.eval()
+    ft = torch.tensor(forget, device=device)
+
+    acc_train = _Acc(ft)
+    for x, y in tqdm(_loader(data.train, batch_size), desc="eval train", disable=not progress, leave=False):
+        acc_train.update(model(x.to(device)).float(), y.to(device))
+
+    acc_test = _Acc(ft)
+    cka_o = LinearCKA(model, original, layers)
+    cka_o.remove_hooks()
+    cka_r = None
+    if retrained is not None:
+        cka_r = LinearCKA(model, retrained, layers)
+        cka_r.remove_hooks()
+    js, zrf = JSDivergence(), ZRF()
+    grabs = {"u": _Grab(model, layers), "o": _Grab(original, layers)}
+    if retrained is not None:
+        grabs["r"] = _Grab(retrained, layers)
+    n_forget_test = 0
+    try:
+        for x, y in tqdm(_loader(data.test, batch_size), desc="eval test", disable=not progress, leave=False):
+            x, y = x.to(device), y.to(device)
+            out = model(x).float()
+            fu = grabs["u"].take()
+            acc_test.update(out, y)
+            f = torch.isin(y, ft)
+            if not f.any():
+                continue
+            n_forget_test += int(f.sum())
+            xf, uf, fu = x[f], out[f], [t[f] for t in fu]
+            original(xf)
+            cka_o.update_features(fu, grabs["o"].take())
+            if retrained is not None:
+                r = retrained(xf).float()
+                cka_r.update_features(fu, grabs["r"].take())
+                js.update(uf, r)
+            zrf.update(uf, rand(xf).float())
+    finally:
+        for g in grabs.values():
+            g.remove()
+
+    FA, RA = acc_train.result()
+    TFA, TRA = acc_test.result()
+    nan = float("nan")
+    cka_layers = dict(zip(layers, (_pct(v) for v in cka_o.compute()["cka"]))) if n_forget_test else {k: nan for k in layers}
+    cka_ret = None
+    if cka_r is not None:
+        cka_ret = dict(zip(layers, (_pct(v) for v in cka_r.compute()["cka"]))) if n_forget_test else {k: nan for k in layers}
+    CKA = cka_layers[pen]
+    scores = hmean_scores(FA=FA, RA=RA, TFA=TFA, TRA=TRA, CKA=CKA)
+    return {
+        "FA": FA, "RA": RA, "TFA": TFA, "TRA": TRA, "CKA": CKA,
+        "JS": float(js.compute()) if retrained is not None and n_forget_test else None,
+        "ZRF": float(zrf.compute()) if n_forget_test else nan,
+        "H-Mean": h_mean(list(scores.values())),
+        "hmean_scores": scores,
+        "cka_layer": pen, "cka_layers": cka_layers, "cka_retrain_layers": cka_ret,
+        "CKA_retrain": cka_ret[pen] if cka_ret is not None else None,
+        "cka_estimator": "exact", "forget": forget,
+        "n": {"train_forget": int(acc_train.n[0]), "train_retain": int(acc_train.n[1]),
+              "test_forget": int(acc_test.n[0]), "test_retain": int(acc_test.n[1])},
+    }
