@@ -16,6 +16,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _extensions():
     if os.environ.get("UNLEARN_FAST_NO_EXT", "0") == "1":
         return [], {}
+    if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda/lib64"):
+        # nvcc on PATH at /usr/local/bin makes torch guess CUDA_HOME=/usr/local, which has no libcudart.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     from torch.utils import cpp_extension as ce
 
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))

@@ -89,18 +89,23 @@ def test_ec_forgets_keeps_utility_and_resumes(original_run, digits, tmp_path, mo
     assert fa < 0.2 and ra > ra0 - 0.15, (fa0, ra0, fa, ra)
 
     killed = _copy(original_run, tmp_path / "killed")
-    # crash in the middle of the 2nd pre-training epoch (5 batches of 256 per epoch) ...
+    # crash in the middle of the 2nd pre-training epoch (5 batches of 256 per epoch, one SupCon call per
+    # branch and batch: 2 branches on small_cnn -> 10 calls per epoch) ...
     with monkeypatch.context() as mp:
-        _raise_at(mp, ec_mod, "supcon_loss", 2 * 7 + 1)
+        _raise_at(mp, ec_mod, "supcon_loss", 10 + 5)
         with pytest.raises(Boom):
             _train("ec", killed, **EC_HP)
     assert not list(killed.glob("ec_modules*.safetensors"))
+    (pre,) = (killed / "state").glob("ec_modules*.pretrain.pt")
+    loop = torch.load(pre, weights_only=False)["loop"]
+    assert loop["steps"] == 5 and not loop["done"]  # checkpoint at the end of epoch 1
     # ... then during unlearning (after the first evaluation point's checkpoint)
     with monkeypatch.context() as mp:
         _raise_at(mp, ec_mod.EraseAtTheCore, "step_loss", 7)
         with pytest.raises(Boom):
             _train("ec", killed, **EC_HP)
-    assert (killed / "state" / "ec.ec.pt").exists() and not (killed / "ec.safetensors").exists()
+    loop = torch.load(killed / "state" / "ec.ec.pt", weights_only=False)["loop"]
+    assert loop["steps"] > 0 and not loop["done"] and not (killed / "ec.safetensors").exists()
     _assert_same_file(mods[0], killed / mods[0].name)
     _train("ec", killed, **EC_HP)
     _assert_same_file(full / "ec.safetensors", killed / "ec.safetensors")

@@ -10,7 +10,7 @@ import yaml
 import unlearn_fast
 from unlearn_fast.cli import build_parser, main
 
-FAST_ORIG = {"max_epochs": 3}
+FAST_ORIG = {"max_epochs": 3, "batch_size": 32}
 FAST_WF = {"batch_size": 64, "grad_accum": 1, "max_epochs": 3, "patience": None}
 
 
@@ -37,12 +37,13 @@ def test_train_returns_model_metrics_and_run_dir(wf_run):
     assert len(m["splits"]["train"]["wf"]["acc_f"]) == 10
     assert all(0 <= v <= math.log(2) for v in t["wf"]["js_div"])
     assert all(0 <= v <= 1 for v in t["wf"]["zrf"])
-    # retrained models never saw their class: they cannot predict it
-    assert all(v == 0.0 for v in t["retrained"]["acc_f"])
+    # retrained models never saw their class: they (almost) never predict it
+    assert max(t["retrained"]["acc_f"]) < 5.0
     ins = m["insertion_deletion"]
     assert len(ins["curves"]["insertion"]) == 10 and len(ins["fractions"]) == 11
-    # deletion starts from fully open gates = the original model: normalised confidence 1
-    assert all(abs(c[0] - 1.0) < 1e-4 for c in ins["curves"]["deletion"])
+    # both curves meet at the all-alpha=init state: insertion's end is deletion's start
+    for ci, cd in zip(ins["curves"]["insertion"], ins["curves"]["deletion"]):
+        assert abs(ci[-1] - cd[0]) < 1e-9 and cd[-1] < cd[0]
     report = (d / "report.md").read_text()
     assert "| WF-Net |" in report and "| Original model |" in report and "| Retrained model |" in report
     assert json.loads((d / "metrics.json").read_text())["summary"] == json.loads(json.dumps(m["summary"]))

@@ -16,13 +16,17 @@ from typing import Any, Sequence
 
 import yaml
 
-# The demo recipe: digits (embedded), the small CNN at 8x8, every class untrained in one round.
-# WF runs the paper's loss, chi, lambdas, alpha init/clipping and evaluation schedule; batch and
-# accumulation are scaled to a 1.4k-image training set (one optimizer step per 64-image batch
-# instead of 128 x 16 = 2,048 images, more than the whole set).
+# The demo recipe: digits (embedded, 8x8), the small CNN, every class untrained in one round.
+# WF runs the paper's loss, chi, alpha init/clipping, optimizer default and evaluation schedule, with
+# two changes for a 1.3k-image, 8x8 training set (both measured, per-class results in the report):
+# * batch 128 without accumulation: 128 x 16 = 2,048 images per step is more than the whole set;
+# * lambda_1 = 3 instead of 10: the small CNN has 112 gated filters, and at 10 the forget term closes
+#   filters the other classes share - mean Acc_r 77.8% at (1,10,1) vs 94.1% at (1,3,1), Acc_f 0.0 for
+#   every class in both (40 epochs, seed 0). The paper's own MNIST VGG-16 row shows the same
+#   trade-off (Acc_r 73.2%). `--set lambdas=[1,10,1]` restores the paper's value.
 DEMO = {
     "model": "small_cnn", "data": "digits", "run_dir": "runs/demo", "seed": 0, "retrain": True,
-    "hparams": {"batch_size": 64, "grad_accum": 1, "max_epochs": 40},
+    "hparams": {"batch_size": 128, "grad_accum": 1, "max_epochs": 40, "lambdas": [1, 3, 1]},
 }
 
 
@@ -68,6 +72,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", dest="run_dir", help="run directory (created; re-running resumes)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, help="torch CPU threads (demo default: 1 - the small CNN's ops are too small to split)")
 
 
 def _train_opts(p: argparse.ArgumentParser) -> None:
@@ -92,10 +97,19 @@ def _print_summary(metrics: dict[str, Any]) -> None:
     print(f"original model test accuracy: {t['original']['acc']:.1f}%")
 
 
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["run_dir", "device"], DEMO)
+    cfg = _merged(args, ["run_dir", "device", "threads"], DEMO)
+    # Measured here: one WF step of the small CNN took 40 ms on 1 thread and 660 ms on 2 busy cores.
+    _set_threads(cfg.get("threads") or 1)
     t0 = time.perf_counter()
     res = unlearn_fast.train(method="wf", model=cfg["model"], data=cfg["data"], run_dir=cfg["run_dir"],
                              seed=cfg.get("seed", 0), device=cfg.get("device"), retrain=cfg.get("retrain", True),
@@ -108,7 +122,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["method", "model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain"])
+    cfg = _merged(args, ["method", "model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain", "threads"])
+    _set_threads(cfg.get("threads"))
     kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain") if cfg.get(k) is not None}
     if args.no_eval:
         kw["evaluate"] = False
@@ -122,7 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["run_dir", "device", "batch_size", "insertion_steps"])
+    cfg = _merged(args, ["run_dir", "device", "batch_size", "insertion_steps", "threads"])
+    _set_threads(cfg.get("threads"))
     if not cfg.get("run_dir"):
         raise SystemExit("evaluate needs --run-dir")
     m = unlearn_fast.evaluate(cfg["run_dir"], device=cfg.get("device"), batch_size=cfg.get("batch_size", 512),

@@ -126,7 +126,7 @@ def _tsne_panels(models: dict[str, Any], data, classes: list[int], device, seed:
 
 
 def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digits",
-            forget: list[int] | str | int = "random:1", run_dir: str | Path | None = None, *,
+            forget: list[int] | str | int | None = None, run_dir: str | Path | None = None, *,
             hparams: dict[str, dict[str, Any]] | None = None, device: str | torch.device | None = None,
             progress: bool = True, seed: int = 0, img_size: int | None = None, in_chans: int | None = None,
             original_hparams: dict[str, Any] | None = None, retrain_hparams: dict[str, Any] | None = None,
@@ -149,7 +149,9 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     from unlearn_fast.methods.unlearning import UnlearningMethod
     from unlearn_fast.models.io import load_model
 
-    methods = list(dict.fromkeys(methods))
+    methods = list(dict.fromkeys(m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()))
+    if forget is None:
+        raise ValueError("compare: pass forget= (a class list, '1,4', 'random:K' or 'similar:K:<dataset spec>')")
     if not methods:
         raise ValueError("compare: give at least one method (unlearn_fast.methods.list_methods())")
     hparams = dict(hparams or {})
@@ -254,8 +256,10 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     if figures:
         figs["cka_layers"] = str(plot_cka_layers(state, run_dir / "figures" / "compare_cka_layers.png").relative_to(run_dir))
         show = tsne_method if tsne_method is not None else (max(ok, key=lambda n: _score(rows[n])) if ok else None)
+        note = ""
         if show is not None and rows.get(show, {}).get("status") != "ok":
-            raise ValueError(f"tsne_method={show!r} did not finish in this comparison (finished: {ok})")
+            note = f" (tsne_method={show!r} did not finish in this comparison; showing the best H-Mean instead)"
+            show = max(ok, key=lambda n: _score(rows[n])) if ok else None
         panel_models = {"original": original, "retrain": retrained}
         if show is not None:
             panel_models[show] = load_model(run_dir / f"{show}.safetensors", device)
@@ -264,7 +268,7 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
         figs["tsne"] = str(plot_tsne(panels, classes, ctx.data.class_names, run_dir / "figures" / "compare_tsne.png").relative_to(run_dir))
         state["tsne_note"] = (f"t-SNE of the penultimate features on the test split: forget classes {classes} and the "
                               f"{len(near)} retain classes nearest to them under the original model {near}; "
-                              f"method shown: {show}.")
+                              f"method shown: {show}{note}.")
         state["tsne"] = {"method": show, "retain_classes": near}
         state["figure_methods"] = ok
     state["figures"] = figs

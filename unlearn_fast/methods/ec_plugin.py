@@ -150,7 +150,17 @@ class ECPlugin(UnlearningMethod):
             n_f = f[0].shape[0] if f is not None else 0
             return out + ec_loss(ec_forward(student, ec, torch.cat(xs)), n_f, r[1], weights, s)
 
-        return super().stage(u, name, model, loss, **kw)
+        # EC's gradient also reaches student parameters this stage does not train (e.g. the classifier
+        # in COLA's collapse stage); drop it so it cannot leak into a later stage's first step.
+        trained = {id(p) for p in kw["params"]}
+        frozen = [p for p in student.parameters() if id(p) not in trained]
+        for p in frozen:
+            p.grad = None
+        try:
+            return super().stage(u, name, model, loss, **kw)
+        finally:
+            for p in frozen:
+                p.grad = None
 
 
 def _plugin_fields() -> list[tuple[str, Any, dataclasses.Field]]:

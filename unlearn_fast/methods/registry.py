@@ -24,6 +24,11 @@ def list_methods() -> list[str]:
 
 
 def get_method_class(name: str) -> type:
+    if name not in _REGISTRY and name.endswith("+ec") and name[:-3] in _REGISTRY:
+        # any unlearning method gains EC's multi-layer supervision on demand (EC Sec. 4.2)
+        from unlearn_fast.methods.ec_plugin import ec_plugin
+
+        return ec_plugin(_REGISTRY[name[:-3]])
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
     return _REGISTRY[name]

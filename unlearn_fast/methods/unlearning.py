@@ -260,6 +260,8 @@ class UnlearningMethod(Method):
         cfg = LoopConfig(batch_size=bs, max_epochs=epochs if epochs is not None else hp.epochs, max_steps=hp.max_steps,
                          evals_per_epoch=hp.evals_per_epoch, patience=hp.patience if sel else None, mode="max",
                          seed=u.run.seed, amp=hp.amp, progress=u.run.progress, desc=f"{self.name} {name}")
+        if owner is not None and not isinstance(owner, nn.Module):
+            owner = nn.ModuleList(list(owner))
         res = fit(params_owner=owner if owner is not None else model, trainable=params, optimizer=opt, dataset=None,
                   cfg=cfg, loss_fn=step, val_fn=val if sel else None, state_path=u.state_path(name),
                   generators=generators, after_step=after_step, device=u.device, batches=batches, n_batches=n_batches)

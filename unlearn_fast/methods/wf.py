@@ -57,7 +57,7 @@ def wf_loss(wf: WFModel, x: torch.Tensor, y: torch.Tensor, chi: int, lambdas: tu
     reg = wf.regularizer()
     l0, l1, l2 = lambdas
     loss = l0 * s_r + l1 / s_u + l2 * reg
-    return loss, {"S_u": float(s_u), "S_r": float(s_r), "R": float(reg)}
+    return loss, {"S_u": s_u.item(), "S_r": s_r.item(), "R": reg.item()}
 
 
 @register_method("wf")
@@ -69,6 +69,7 @@ class WF(Method):
         optimizer: str = "adam"               # "adam" | "sgd"
         lr: float = 0.1
         momentum: float = 0.0                 # SGD only
+        betas: tuple[float, float] = (0.9, 0.999)  # Adam only
         batch_size: int = 128
         grad_accum: int = 16
         chi: int = 3
@@ -113,7 +114,7 @@ class WF(Method):
 
         params = wf.alpha_parameters()
         if hp.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=hp.lr)
+            opt = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas))
         elif hp.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum)
         else:

@@ -18,8 +18,8 @@ The collapse stage keeps its last state (the classifier is stale there, so valid
 little); the align stage selects by validation H-Mean (``select_best``). The SupCon loss is
 :func:`unlearn_fast.ops.supcon.supcon_loss` (NaN-safe for anchors without a positive).
 
-Each step's batch also carries a forget batch (``batch["forget"]``) that COLA's own loss ignores, so
-that the ``cola+ec`` plug-in, which wraps ``self.stage``'s loss, has forget samples for its terms.
+Both stages are retain-only (``forget=None``); the ``cola+ec`` plug-in, which wraps ``self.stage``'s
+loss, draws forget batches for its own terms.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class Cola(UnlearningMethod):
         optimizer: str = "sgd"
         momentum: float = 0.9
         weight_decay: float = 5e-4
-        batch_size: int = 128             # retain batch of both stages (and the ignored forget batch)
+        batch_size: int = 128             # retain batch of both stages
         collapse_epochs: int = 5
         collapse_lr: float = 0.05
         temperature: float = 0.07
@@ -77,7 +77,7 @@ class Cola(UnlearningMethod):
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         hp = self.hp
         model = u.copy_original()
-        fset, rset = u.forget_set(), u.retain_set()
+        rset = u.retain_set()
         hflip = u.data.hflip if hp.hflip is None else hp.hflip
 
         # 1. collapse ---------------------------------------------------------------------------
@@ -100,7 +100,7 @@ class Cola(UnlearningMethod):
                 return supcon_loss(z, torch.cat([y, y]), hp.temperature, hp.base_temperature)
 
             self.stage(u, "collapse", model, collapse, params=params, optimizer=opt, owner=owner,
-                       epochs=hp.collapse_epochs, drive="retain", forget=fset, retain=rset, select_best=False,
+                       epochs=hp.collapse_epochs, drive="retain", forget=None, retain=rset, select_best=False,
                        generators={"aug": gen}, evaluate_model=model)
 
         # 2. align ------------------------------------------------------------------------------
@@ -108,5 +108,5 @@ class Cola(UnlearningMethod):
             x, y = batch["retain"]
             return F.cross_entropy(model(x).float(), y)
 
-        self.stage(u, "align", model, align, epochs=hp.epochs, drive="retain", forget=fset, retain=rset)
+        self.stage(u, "align", model, align, epochs=hp.epochs, drive="retain", forget=None, retain=rset)
         return model

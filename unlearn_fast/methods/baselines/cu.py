@@ -49,7 +49,8 @@ def cu_loss(u: Tensor, r: Tensor, y_u: Tensor, y_r: Tensor, temperature: float,
     if u.dim() != 2 or r.dim() != 2 or u.shape[1] != r.shape[1]:
         raise ValueError(f"cu_loss: embeddings must be [n, d] and [m, d], got {tuple(u.shape)} and {tuple(r.shape)}")
     if y_u.shape != (u.shape[0],) or y_r.shape != (r.shape[0],):
-        raise ValueError(f"cu_loss: labels must be [{u.shape[0]}] and [{r.shape[0]}], got {tuple(y_u.shape)} and {tuple(y_r.shape)}")
+        raise ValueError(f"cu_loss: labels must be [{u.shape[0]}] and [{r.shape[0]}], got {tuple(y_u.shape)} "
+                         f"and {tuple(y_r.shape)}")
     base = temperature if base_temperature is None else base_temperature
     with fp32(u):
         pos = (y_u[:, None] == y_r[None, :]).float()

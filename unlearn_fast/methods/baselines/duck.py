@@ -48,8 +48,8 @@ from torch.utils.data import Dataset
 from unlearn_fast.methods.registry import register_method
 from unlearn_fast.methods.unlearning import UnlearnContext, UnlearnHparams, UnlearningMethod, make_optimizer
 
-__all__ = ["Duck", "fp32", "features_and_logits", "head_module", "RepeatedPairs", "fetch", "cosine_distance", "class_feature_means",
-           "set_lr"]
+__all__ = ["Duck", "fp32", "features_and_logits", "head_module", "RepeatedPairs", "fetch", "cosine_distance",
+           "class_feature_means", "dataset_features", "nearest_other_class", "set_lr"]
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -118,8 +118,10 @@ class RepeatedPairs:
         if not len(forget) or not len(retain):
             raise ValueError(f"RepeatedPairs: empty {'forget' if not len(forget) else 'retain'} set")
         if repeat < 1 or batch_size < 1 or retain_batch_size < 1:
-            raise ValueError(f"RepeatedPairs: repeat and batch sizes must be >= 1, got {repeat}, {batch_size}, {retain_batch_size}")
-        self.forget, self.retain, self.bf, self.br, self.repeat, self.seed = forget, retain, batch_size, retain_batch_size, repeat, seed
+            raise ValueError(f"RepeatedPairs: repeat and batch sizes must be >= 1, got {repeat}, {batch_size}, "
+                             f"{retain_batch_size}")
+        self.forget, self.retain, self.repeat, self.seed = forget, retain, repeat, seed
+        self.bf, self.br = batch_size, retain_batch_size
         nb = math.ceil(len(forget) / batch_size)
         self.n_forget_batches = nb if forget_batches is None else max(1, min(nb, forget_batches))
         self.match_forget = match_forget

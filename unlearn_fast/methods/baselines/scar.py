@@ -59,8 +59,9 @@ __all__ = ["Scar", "tukey", "shrink_covariance", "class_precisions", "mahalanobi
 
 
 def tukey(f: Tensor, delta: float) -> Tensor:
-    """Tukey power transform ``sign(f) |f|^delta`` (``f^delta`` for ``f >= 0``)."""
-    return f.sign() * f.abs().pow(delta)
+    """Tukey power transform ``sign(f) |f|^delta`` (``f^delta`` for ``f >= 0``); |f| is clamped at 1e-12
+    so that the gradient at f = 0 is 0, not 0 * inf = NaN."""
+    return f.sign() * f.abs().clamp_min(1e-12).pow(delta)
 
 
 def shrink_covariance(cov: Tensor, gamma1: float, gamma2: float) -> Tensor:

@@ -40,7 +40,8 @@ __all__ = ["Scrub", "distill_kl"]
 def distill_kl(z_s: Tensor, z_t: Tensor, T: float) -> Tensor:
     """SCRUB's DistillKL: ``T^2 * sum KL(softmax(z_t/T) || softmax(z_s/T)) / B``; ``z_* [B, K]`` -> scalar."""
     if z_s.shape != z_t.shape or z_s.dim() != 2:
-        raise ValueError(f"distill_kl: student and teacher logits must both be [B, K], got {tuple(z_s.shape)} and {tuple(z_t.shape)}")
+        raise ValueError(f"distill_kl: student and teacher logits must both be [B, K], got {tuple(z_s.shape)} "
+                         f"and {tuple(z_t.shape)}")
     log_p_s = F.log_softmax(z_s.float() / T, dim=1)
     p_t = F.softmax(z_t.float() / T, dim=1)
     return F.kl_div(log_p_s, p_t, reduction="sum") * (T * T) / z_s.shape[0]
