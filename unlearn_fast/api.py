@@ -73,8 +73,10 @@ def _context(run_dir: Path, cfg: dict[str, Any], device: torch.device, progress:
     data_kwargs = {k: cfg[k] for k in ("img_size", "in_chans", "val_fraction", "test_fraction", "max_per_class") if cfg.get(k) is not None}
     data = load(cfg["data"], seed=cfg.get("seed", 0), **data_kwargs)
     splits = run_dir / "splits.json"
-    if not splits.exists() and getattr(data, "split_indices", None) is not None:
-        splits.write_text(json.dumps({k: [int(i) for i in v] for k, v in data.split_indices.items()}))
+    if splits.exists():  # a resumed run must see the same samples in the same splits
+        data.check_manifest(json.loads(splits.read_text()))
+    else:
+        splits.write_text(json.dumps(data.manifest()))
     return RunContext(data=data, model_name=cfg["model"], run_dir=run_dir, device=device, seed=cfg.get("seed", 0),
                       progress=progress)
 
