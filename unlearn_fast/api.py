@@ -108,16 +108,18 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
         img_size = _default_img_size(model, data)
     cfg = _open_run(run_dir, {"model": model, "data": data, "seed": seed, "img_size": img_size, "in_chans": in_chans})
     ctx = _context(run_dir, cfg, device, progress)
-    if forget is not None:
-        ctx.forget = _forget_classes(forget, ctx)
     meth = create_method(method, **hparams)
     if method not in ("original", "retrain") and not (run_dir / "original.safetensors").exists():
         t0 = time.perf_counter()
         create_method("original", **(original_hparams or {})).run(ctx)
         _record_time(run_dir, "original_s", time.perf_counter() - t0)
+    if forget is not None:  # after the original exists: "similar:K:SPEC" needs its features
+        ctx.forget = _forget_classes(forget, ctx)
     if retrain and method != "retrain":
         t0 = time.perf_counter()
-        create_method("retrain", **(original_hparams or {})).run(ctx)
+        # WF needs one model per class; a forget request needs one model without all its classes
+        together = ctx.forget is not None and len(ctx.forget) > 1
+        create_method("retrain", together=together, **(original_hparams or {})).run(ctx)
         _record_time(run_dir, "retrain_s", time.perf_counter() - t0)
     t0 = time.perf_counter()
     out = meth.run(ctx)

@@ -175,22 +175,33 @@ def linear_cka(X: Tensor, Y: Tensor) -> float:
     return float(ops.cka_finalize(*st, n=X.shape[0])[0])
 
 
-class _Hooks:
-    """Forward hooks that keep the pooled output of named modules of one model."""
+def channels_last_features(model: nn.Module) -> bool:
+    """timm Swin blocks return ``[B, H, W, C]`` (channels last); every other backbone ``[B, C, H, W]``."""
+    return str(getattr(model, "unlearn_fast_name", "")).startswith("swin")
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], pool: str) -> None:
+
+class FeatureHooks:
+    """Forward hooks that keep the pooled ``[B, d]`` output of named modules of one model
+    (channels-last block outputs are permuted to ``[B, C, H, W]`` before pooling)."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], pool: str = "avg") -> None:
         mods = dict(model.named_modules())
         missing = [name for name in layers if name not in mods]
         if missing:
             some = [n for n in mods if n][:12]
-            raise KeyError(f"layers {missing} are not modules of {type(model).__name__}; some names: {some}")
+            raise KeyError(f"layers {missing} are not modules of {type(model).__name__}; some names: {some} "
+                           "(see unlearn_fast.models.feature_layers)")
         self.out: dict[str, Tensor] = {}
+        self.channels_last = channels_last_features(model)
         self.handles = [mods[name].register_forward_hook(self._hook(name, pool)) for name in layers]
         self.layers = list(layers)
 
     def _hook(self, name: str, pool: str):
         def fn(_mod, _inp, out):
-            self.out[name] = pool_features(out, pool)
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if self.channels_last and isinstance(t, Tensor) and t.dim() == 4:
+                t = t.permute(0, 3, 1, 2)
+            self.out[name] = pool_features(t, pool)
 
         return fn
 
@@ -233,8 +244,8 @@ class LinearCKA(_Metric):
         self.model_a, self.model_b = model_a, model_b
         self.layers = list(layers)
         self.estimator, self.pool, self.pairs = estimator, pool, pairs
-        self._hooks_a = _Hooks(model_a, self.layers, pool)
-        self._hooks_b = _Hooks(model_b, self.layers, pool) if model_b is not model_a else self._hooks_a
+        self._hooks_a = FeatureHooks(model_a, self.layers, pool)
+        self._hooks_b = FeatureHooks(model_b, self.layers, pool) if model_b is not model_a else self._hooks_a
         self.reset()
 
     @classmethod

@@ -152,43 +152,6 @@ def forget_accuracies(model: nn.Module, dataset: Dataset, forget: Sequence[int],
     return acc.result()
 
 
-def _channels_last(model: nn.Module) -> bool:
-    """timm Swin blocks return ``[B, H, W, C]`` (channels last), every other backbone ``[B, C, H, W]``."""
-    return str(getattr(model, "unlearn_fast_name", "")).startswith("swin")
-
-
-class _Grab:
-    """Forward hooks keeping the globally average-pooled ``[B, d]`` output of named layers."""
-
-    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
-        from unlearn_fast.evaluation.metrics import pool_features
-
-        mods = dict(model.named_modules())
-        missing = [n for n in layers if n not in mods]
-        if missing:
-            raise ValueError(f"layers {missing} are not modules of {getattr(model, 'unlearn_fast_name', type(model).__name__)}; "
-                             "see unlearn_fast.models.feature_layers")
-        cl = _channels_last(model)
-        self.out: dict[str, Tensor] = {}
-        self.layers = list(layers)
-
-        def hook(name):
-            def fn(_m, _i, out):
-                t = out[0] if isinstance(out, (tuple, list)) else out
-                if cl and t.dim() == 4:
-                    t = t.permute(0, 3, 1, 2)
-                self.out[name] = pool_features(t, "avg").float()
-            return fn
-
-        self.handles = [mods[n].register_forward_hook(hook(n)) for n in layers]
-
-    def take(self) -> list[Tensor]:
-        return [self.out.pop(n) for n in self.layers]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
 
 def _check(model: nn.Module, what: str) -> None:
     if getattr(model, "unlearn_fast_name", None) is None:
@@ -220,7 +183,7 @@ def evaluate_unlearned(model: nn.Module, original: nn.Module, data, forget: Sequ
     """
     from tqdm.auto import tqdm
 
-    from unlearn_fast.evaluation.metrics import ZRF, JSDivergence, LinearCKA
+    from unlearn_fast.evaluation.metrics import ZRF, FeatureHooks, JSDivergence, LinearCKA
     from unlearn_fast.models import feature_layers
 
     for m, what in ((model, "unlearned"), (original, "original")) + (((retrained, "retrained"),) if retrained is not None else ()):
@@ -251,9 +214,9 @@ def evaluate_unlearned(model: nn.Module, original: nn.Module, data, forget: Sequ
         cka_r = LinearCKA(model, retrained, layers)
         cka_r.remove_hooks()
     js, zrf = JSDivergence(), ZRF()
-    grabs = {"u": _Grab(model, layers), "o": _Grab(original, layers)}
+    grabs = {"u": FeatureHooks(model, layers), "o": FeatureHooks(original, layers)}
     if retrained is not None:
-        grabs["r"] = _Grab(retrained, layers)
+        grabs["r"] = FeatureHooks(retrained, layers)
     n_forget_test = 0
     try:
         for x, y in tqdm(_loader(data.test, batch_size), desc="eval test", disable=not progress, leave=False):

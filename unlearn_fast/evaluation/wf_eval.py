@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from unlearn_fast.evaluation.metrics import ZRF, ActivationDistance, JSDivergence
+from unlearn_fast.evaluation.unlearn_eval import random_model_like
 from unlearn_fast.nn import WFModel
 
 __all__ = ["evaluate_wf", "gate_accuracy_table", "insertion_deletion"]
@@ -79,21 +80,6 @@ def _stream_gates(wf: WFModel, x: Tensor, y: Tensor, n: int, batch_size: int, si
         xs = x.repeat(len(cls), *([1] * (x.dim() - 1)))
         ys = y.repeat(len(cls))
         sink(rows, ys, wf(xs, rows))
-
-
-def _random_model(original: nn.Module, seed: int) -> nn.Module:
-    """A randomly initialised copy of the architecture (ZRF's M*, WF Eq. 4), reproducible by ``seed``."""
-    from unlearn_fast.models import create
-
-    cfg = dict(getattr(original, "unlearn_fast_config"))
-    name = cfg.pop("name")
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        m = create(name, **cfg)
-    finally:
-        torch.set_rng_state(state)
-    return m.eval()
 
 
 @torch.no_grad()
@@ -233,7 +219,7 @@ def evaluate_wf(wf: WFModel, original: nn.Module, data, device: torch.device | s
     wf.eval()
     original = original.to(device).eval()
     retrained = {c: m.to(device).eval() for c, m in (retrained or {}).items()}
-    random_model = _random_model(original, seed + 12345).to(device)
+    random_model = random_model_like(original, seed + 12345).to(device)
     res: dict[str, Any] = {"num_classes": wf.num_classes, "class_names": list(data.class_names), "splits": {}}
     test = _test_pass(wf, original, retrained, random_model, data.test, device, batch_size, progress)
     res["splits"]["test"] = test

@@ -37,6 +37,8 @@ class LoopConfig:
     max_epochs: int = 100
     max_steps: int | None = None          # optimizer steps; None = until early stop / max_epochs
     evals_per_epoch: int = 1
+    eval_every: int | None = None         # evaluate every k optimizer steps (replaces evals_per_epoch)
+    restore_best: bool = True             # end on the best-scoring state (False: the last state)
     patience: int | None = 5              # in evaluations; None disables early stopping
     mode: str = "max"                     # "max" (val accuracy) or "min" (val loss)
     seed: int = 0
@@ -162,7 +164,8 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
                 st["micro"] += 1
                 st["accum"] += 1
                 bar.update(1)
-                if st["accum"] == cfg.grad_accum:
+                stepped = st["accum"] == cfg.grad_accum
+                if stepped:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     st["accum"] = 0
@@ -170,7 +173,8 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
                     if after_step is not None:
                         after_step()
                     bar.set_postfix(loss=f"{loss.item():.4g}", step=st["steps"])
-                if st["micro"] in eval_points and val_fn is not None:
+                at_eval = (stepped and st["steps"] % cfg.eval_every == 0) if cfg.eval_every else st["micro"] in eval_points
+                if at_eval and val_fn is not None:
                     score = float(val_fn())
                     rec = {"epoch": st["epoch"], "micro": st["micro"], "step": st["steps"], "val": score,
                            "loss": float(loss.item()), "time_s": time.perf_counter() - t_start}
@@ -187,7 +191,7 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
                 if cfg.max_steps is not None and st["steps"] >= cfg.max_steps:
                     st["done"] = True
                 now = time.perf_counter()
-                if st["done"] or interrupted["flag"] or st["micro"] in eval_points or now - last_ckpt > cfg.ckpt_interval_s:
+                if st["done"] or interrupted["flag"] or at_eval or now - last_ckpt > cfg.ckpt_interval_s:
                     st["seconds"] = now - t_start
                     if not st["done"]:
                         save()
@@ -200,7 +204,7 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
                 st["epoch"] += 1
                 st["micro"] = 0
         st["done"] = True
-        if st["best_state"] is None:  # no evaluation ran: keep the last state
+        if st["best_state"] is None or not cfg.restore_best:  # keep the last state
             st["best_state"] = snapshot()
             st["best"] = -math.inf
         st["seconds"] = time.perf_counter() - t_start

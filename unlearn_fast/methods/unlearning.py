@@ -49,6 +49,7 @@ class UnlearnHparams:
     retain_batch_size: int | None = None   # None: = batch_size
     omega: int = 1                         # retain batches per forget batch
     evals_per_epoch: int = 1               # evaluation during unlearning (validation FA/RA)
+    eval_every: int | None = None          # ... or every k optimizer steps (replaces evals_per_epoch)
     select_best: bool = True               # keep the state with the best validation H-Mean
     patience: int | None = None            # early stopping on that score (in evaluations)
     max_steps: int | None = None
@@ -257,13 +258,15 @@ class UnlearningMethod(Method):
             model.train()
             return loss_fn(batch, info)
 
+        evaluate = sel or hp.patience is not None  # early stopping alone also needs the score
         cfg = LoopConfig(batch_size=bs, max_epochs=epochs if epochs is not None else hp.epochs, max_steps=hp.max_steps,
-                         evals_per_epoch=hp.evals_per_epoch, patience=hp.patience if sel else None, mode="max",
-                         seed=u.run.seed, amp=hp.amp, progress=u.run.progress, desc=f"{self.name} {name}")
+                         evals_per_epoch=hp.evals_per_epoch, eval_every=hp.eval_every, patience=hp.patience,
+                         restore_best=sel, mode="max", seed=u.run.seed, amp=hp.amp, progress=u.run.progress,
+                         desc=f"{self.name} {name}")
         if owner is not None and not isinstance(owner, nn.Module):
             owner = nn.ModuleList(list(owner))
         res = fit(params_owner=owner if owner is not None else model, trainable=params, optimizer=opt, dataset=None,
-                  cfg=cfg, loss_fn=step, val_fn=val if sel else None, state_path=u.state_path(name),
+                  cfg=cfg, loss_fn=step, val_fn=val if evaluate else None, state_path=u.state_path(name),
                   generators=generators, after_step=after_step, device=u.device, batches=batches, n_batches=n_batches)
         model.eval()
         return res
