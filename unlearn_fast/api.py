@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
 __all__ = ["train", "evaluate", "compare", "TrainResult", "default_device"]
 
@@ -81,6 +80,18 @@ def _context(run_dir: Path, cfg: dict[str, Any], device: torch.device, progress:
                       progress=progress)
 
 
+def prepare_run(model: str, data: str, run_dir: str | Path | None, *, seed: int = 0,
+                device: str | torch.device | None = None, img_size: int | None = None, in_chans: int | None = None,
+                progress: bool = True):
+    """Open (or re-open and check) a run directory and load its data: ``(run_dir, device, cfg, ctx)``."""
+    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(model, data)
+    device = torch.device(device) if device is not None else default_device()
+    if img_size is None:
+        img_size = _default_img_size(model, data)
+    cfg = _open_run(run_dir, {"model": model, "data": data, "seed": seed, "img_size": img_size, "in_chans": in_chans})
+    return run_dir, device, cfg, _context(run_dir, cfg, device, progress)
+
+
 def _record_time(run_dir: Path, key: str, seconds: float) -> None:
     path = run_dir / "timing.json"
     t = json.loads(path.read_text()) if path.exists() else {}
@@ -102,12 +113,8 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
     """
     from unlearn_fast.methods import create_method
 
-    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(model, data)
-    device = torch.device(device) if device is not None else default_device()
-    if img_size is None:
-        img_size = _default_img_size(model, data)
-    cfg = _open_run(run_dir, {"model": model, "data": data, "seed": seed, "img_size": img_size, "in_chans": in_chans})
-    ctx = _context(run_dir, cfg, device, progress)
+    run_dir, device, cfg, ctx = prepare_run(model, data, run_dir, seed=seed, device=device, img_size=img_size,
+                                            in_chans=in_chans, progress=progress)
     meth = create_method(method, **hparams)
     if method not in ("original", "retrain") and not (run_dir / "original.safetensors").exists():
         t0 = time.perf_counter()

@@ -140,8 +140,7 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     ``tsne_method``: the method shown beside Original and Retrained in the t-SNE figure (default: the
     best H-Mean). ``tsne_neighbors``: retain classes shown (EC Fig. 3: the 9 most similar).
     """
-    from unlearn_fast.api import (_context, _default_img_size, _default_run_dir, _forget_classes, _open_run,
-                                  _record_time, default_device)
+    from unlearn_fast.api import _forget_classes, _record_time, prepare_run
     from unlearn_fast.evaluation.compare_report import plot_cka_layers, plot_tsne, write_compare_report
     from unlearn_fast.evaluation.unlearn_eval import evaluate_unlearned
     from unlearn_fast.methods import create_method
@@ -158,12 +157,8 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     extra = set(hparams) - set(methods)
     if extra:
         raise ValueError(f"compare: hparams given for {sorted(extra)}, which are not in methods={methods}")
-    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(model, data)
-    device = torch.device(device) if device is not None else default_device()
-    if img_size is None:
-        img_size = _default_img_size(model, data)
-    cfg = _open_run(run_dir, {"model": model, "data": data, "seed": seed, "img_size": img_size, "in_chans": in_chans})
-    ctx = _context(run_dir, cfg, device, progress)
+    run_dir, device, cfg, ctx = prepare_run(model, data, run_dir, seed=seed, device=device, img_size=img_size,
+                                            in_chans=in_chans, progress=progress)
     seed = cfg.get("seed", seed)
 
     if not (run_dir / "original.safetensors").exists():
@@ -206,7 +201,6 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
             rows[name] = {"status": "ok", **evaluate(m), "time_s": timing(tkey)}
             _write_json(metrics_path, state)
 
-    models_ok: dict[str, Any] = {}
     for name in methods:
         hp = dict(hparams.get(name) or {})
         prev = rows.get(name)

@@ -51,8 +51,6 @@ def _per_class_table(metrics: dict[str, Any]) -> str:
 
 def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None, figures: bool = True) -> Path:
     """Write ``report.md`` (and the figures) of ``run_dir`` from its ``metrics.json``."""
-    import torch  # noqa: F401
-
     from unlearn_fast.evaluation import plots
     from unlearn_fast.models.io import load_tensors
 

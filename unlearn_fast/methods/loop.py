@@ -12,7 +12,6 @@ command reproduces the uninterrupted run bit for bit on the same machine.
 """
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import time

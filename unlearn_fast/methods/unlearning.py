@@ -19,21 +19,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from unlearn_fast.evaluation.accuracy import predict_logits
+from unlearn_fast.evaluation.unlearn_eval import h_mean as hmean  # noqa: F401  (re-exported)
 from unlearn_fast.methods.base import Method, MethodOutput, RunContext
 from unlearn_fast.methods.loop import LoopConfig, LoopResult, fit
 from unlearn_fast.models.io import load_model, save_model
 
 __all__ = ["UnlearnHparams", "UnlearnContext", "UnlearningMethod", "PairedBatches", "hmean", "make_optimizer", "SELECT_BY"]
-
-
-def hmean(values: Sequence[float]) -> float:
-    """Harmonic mean of values in [0, 1] (0 if any is 0) - EC App. B.6's H-Mean."""
-    vals = [max(0.0, float(v)) for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return float("nan")
-    if any(v == 0 for v in vals):
-        return 0.0
-    return len(vals) / sum(1.0 / v for v in vals)
 
 
 @dataclass
