@@ -185,7 +185,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from unlearn_fast.evaluation.compare_report import compare_table_markdown
 
     cfg = _merged(args, ["run_dir", "device", "model", "data", "seed", "img_size", "in_chans", "forget", "methods",
-                         "tsne_method"])
+                         "tsne_method", "threads"])
+    _set_threads(cfg.get("threads"))
     cfg.pop("hparams", None)
     file_hp = (_load_config(getattr(args, "config", None)).get("hparams") or {})
     hp = {m: dict(v or {}) for m, v in file_hp.items()}
