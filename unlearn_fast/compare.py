@@ -125,6 +125,14 @@ def _tsne_panels(models: dict[str, Any], data, classes: list[int], device, seed:
     return panels
 
 
+def _ec_pretrain_seconds(files) -> float | None:
+    """Pre-training seconds recorded in the EC module file(s) (None when unknown or ambiguous)."""
+    from unlearn_fast.models.io import load_tensors
+
+    secs = [load_tensors(f)[1].get("seconds") for f in sorted(files)]
+    return float(secs[0]) if len(secs) == 1 and secs[0] is not None else None
+
+
 def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digits",
             forget: list[int] | str | int | None = None, run_dir: str | Path | None = None, *,
             hparams: dict[str, dict[str, Any]] | None = None, device: str | torch.device | None = None,
@@ -221,6 +229,7 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
             changed = True
             _check_existing_model(out_path, classes)
             resumed = out_path.exists() or any(ctx.state_dir.glob(f"{name}.*.pt"))
+            shared_before = set(run_dir.glob("ec_modules*.safetensors"))
             t0 = time.perf_counter()
             out = meth.run(ctx)
             seconds = time.perf_counter() - t0
@@ -229,7 +238,16 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
             else:
                 _record_time(run_dir, f"{name}_s", seconds)
             row = evaluate(out.model)
-            rows[name] = {"status": "ok", **row, "time_s": seconds, "resumed": bool(resumed), "hparams": hp_now}
+            extra = {}
+            if name == "ec" or name.endswith("+ec"):
+                # EC's SupCon pre-training of the modules runs once per run dir and is reused by every EC
+                # method: charge it to each of them, so the times compare like for like.
+                pre = _ec_pretrain_seconds(set(run_dir.glob("ec_modules*.safetensors")) - shared_before or shared_before)
+                if pre is not None:
+                    extra["ec_pretrain_s"] = pre
+                    if not (set(run_dir.glob("ec_modules*.safetensors")) - shared_before):
+                        seconds += pre  # reused: its pre-training is part of its cost too
+            rows[name] = {"status": "ok", **row, "time_s": seconds, "resumed": bool(resumed), "hparams": hp_now, **extra}
         except Exception as exc:  # a failing method is reported; the others still run
             changed = True
             tb = traceback.format_exc().strip().splitlines()

@@ -135,6 +135,10 @@ def write_compare_report(run_dir: str | Path, metrics: dict[str, Any], figures: 
              "ZRF: 1 - mean JS to a randomly initialised model. H-Mean: harmonic mean of 100-FA, 100-TFA, "
              "100-CKA, RA, TRA (EC App. B.6 without its k-NN and IDI terms). Time: wall clock of the method.", "",
              compare_table_markdown(metrics), ""]
+    pre = [r["ec_pretrain_s"] for r in metrics["rows"].values() if r.get("ec_pretrain_s") is not None]
+    if pre:
+        lines += [f"EC-family times (`ec`, `*+ec`) include the SupCon pre-training of the EC modules ({pre[0]:.1f} s): "
+                  "it runs once per run directory and is charged to every method that uses the modules.", ""]
     failed = [n for n in metrics["order"] if metrics["rows"].get(n, {}).get("status") == "failed"]
     if failed:
         lines += ["## Failed methods", ""]

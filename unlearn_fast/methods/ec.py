@@ -37,6 +37,8 @@ Choices the paper leaves open (stated here, all overridable):
 """
 from __future__ import annotations
 
+import time
+
 import dataclasses
 import hashlib
 import json
@@ -276,9 +278,11 @@ def prepare_ec_modules(u: UnlearnContext, model: nn.Module, s: ECSettings) -> EC
         base = build(u.original, 2, with_blocks=True, extra_points=0)
         _load_modules(path, base)
     else:
+        t0 = time.perf_counter()
         base = pretrain_ec_modules(u.original, u.data, s, state_path=u.run.state_dir / f"{path.stem}.pretrain.pt",
                                    device=u.device, seed=u.run.seed, progress=u.run.progress)
-        save_tensors(base.state_dict(), path, {"ec_modules": base.config, "pretrain": _pretrain_config(s)})
+        save_tensors(base.state_dict(), path, {"ec_modules": base.config, "pretrain": _pretrain_config(s),
+                                               "seconds": time.perf_counter() - t0})
     if not s.extra_points:
         return base
     full = build(model, 3, with_blocks=True, extra_points=s.extra_points)
