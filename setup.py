@@ -37,7 +37,7 @@ def _extensions():
             cpp + cu,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define + [("UNLEARN_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
         )
     else:
         ext = ce.CppExtension(

@@ -183,3 +183,22 @@ def test_regularizer_and_clip():
     assert all(a.max().item() == 3.0 for a in wf.alpha_parameters())
     wf.train()
     assert not wf.model.training  # BN stays frozen while alphas train
+
+
+def test_wrap_turns_off_inplace_ops_so_the_fused_backward_works():
+    # the Triton op saves its output for the alpha gradient; VGG's ReLU(inplace=True) would overwrite it
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(100, 3))
+    wf = wrap(net, 3)
+    assert not net[1].inplace
+    x = torch.randn(2, 3, 5, 5)
+    labels = torch.tensor([0, 2])
+    with use_backend("triton"):
+        wf(x, labels).square().sum().backward()
+    g_triton = [a.grad.clone() for a in wf.alpha_parameters()]
+    for a in wf.alpha_parameters():
+        a.grad = None
+    with use_backend("torch"):
+        wf(x, labels).square().sum().backward()
+    for a, b_ in zip(g_triton, [a.grad for a in wf.alpha_parameters()]):
+        assert _rel(a, b_) < 1e-5

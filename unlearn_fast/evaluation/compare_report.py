@@ -49,7 +49,10 @@ def compare_table_markdown(metrics: dict[str, Any]) -> str:
             err = str(row.get("error", "?")).replace("|", "\\|").replace("\n", " ")[:200]
             lines.append(f"| {label} | failed: {err} |" + " |" * (len(TABLE_COLUMNS) - 1))
             continue
-        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(k), f) for _, k, f in TABLE_COLUMNS) + " |")
+        cells = [_fmt(row.get(k), f) for _, k, f in TABLE_COLUMNS]
+        if row.get("resumed") and cells[-1] != "-":
+            cells[-1] += " (resumed: this process only)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -77,12 +77,9 @@ def random_model_like(model: nn.Module, seed: int = 0) -> nn.Module:
     if "name" not in cfg:
         raise ValueError("random_model_like: the model was not made by unlearn_fast.models.create")
     name = cfg.pop("name")
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
         m = create(name, **cfg)
-    finally:
-        torch.set_rng_state(state)
     return m.eval()
 
 

@@ -27,12 +27,23 @@ class RunContext:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     forget: list[int] | None = None       # the forget request's classes (unlearning methods)
 
-    def new_model(self) -> nn.Module:
+    def new_model(self, seed: int | None = None) -> nn.Module:
+        """A freshly initialised model; its init is a function of ``seed`` (default: the run's seed) and
+        leaves the global RNG streams untouched."""
         from unlearn_fast.models import create
 
-        torch.manual_seed(self.seed)
-        return create(self.model_name, num_classes=self.data.num_classes, in_chans=self.data.in_chans,
-                      img_size=self.data.img_size, **self.model_kwargs).to(self.device)
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(self.seed if seed is None else seed)
+            model = create(self.model_name, num_classes=self.data.num_classes, in_chans=self.data.in_chans,
+                           img_size=self.data.img_size, **self.model_kwargs)
+        return model.to(self.device)
+
+    def seed_method(self, name: str) -> None:
+        """Seed the global RNGs from (run seed, method name): a method's result does not depend on what
+        ran before it in the same process (dropout, loader seeds)."""
+        import zlib
+
+        torch.manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
 
     @property
     def state_dir(self) -> Path:

@@ -21,6 +21,7 @@ class Original(Method):
         out = ctx.run_dir / "original.safetensors"
         if out.exists():
             return MethodOutput(load_model(out, ctx.device), {"original": out}, {"skipped": "exists"})
+        ctx.seed_method("original")
         model = ctx.new_model()
         res = train_classifier(model, ctx.model_name, ctx.data.train, ctx.data.val, self.hp,
                                hflip_default=ctx.data.hflip, device=ctx.device, seed=ctx.seed,

@@ -58,7 +58,8 @@ class Retrain(Method):
     def _train_without(self, ctx: RunContext, exclude: list[int], path: Path, seed: int, tag: str) -> tuple:
         if path.exists():
             return load_model(path, ctx.device), None
-        model = ctx.new_model()
+        ctx.seed_method(f"retrain_{tag}")
+        model = ctx.new_model(seed)  # its own init: retrained from scratch, not from the original's init
         res = train_classifier(model, ctx.model_name, ctx.data.subset("train", exclude=exclude),
                                ctx.data.subset("val", exclude=exclude), self._recipe(), hflip_default=ctx.data.hflip,
                                device=ctx.device, seed=seed, state_path=ctx.state_dir / f"retrain_{tag}.pt",

@@ -273,6 +273,7 @@ class UnlearningMethod(Method):
             return MethodOutput(load_model(out, ctx.device), {self.name: out}, {"skipped": "exists"})
         if not orig_path.exists():
             raise FileNotFoundError(f"{orig_path} is missing: train the original model first (method='original')")
+        ctx.seed_method(self.name)
         original = load_model(orig_path, ctx.device)
         for p in original.parameters():
             p.requires_grad_(False)

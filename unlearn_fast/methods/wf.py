@@ -57,7 +57,7 @@ def wf_loss(wf: WFModel, x: torch.Tensor, y: torch.Tensor, chi: int, lambdas: tu
     reg = wf.regularizer()
     l0, l1, l2 = lambdas
     loss = l0 * s_r + l1 / s_u + l2 * reg
-    return loss, {"S_u": s_u.item(), "S_r": s_r.item(), "R": reg.item()}
+    return loss, {"S_u": s_u.detach(), "S_r": s_r.detach(), "R": reg.detach()}
 
 
 @register_method("wf")
@@ -93,6 +93,7 @@ class WF(Method):
         orig_path = ctx.run_dir / "original.safetensors"
         if not orig_path.exists():
             raise FileNotFoundError(f"{orig_path} is missing: train the original model first (method='original')")
+        ctx.seed_method(self.name)
         original = load_model(orig_path, ctx.device)
         wf = wrap(original, ctx.data.num_classes, hp.alpha_init).to(ctx.device)
         if out.exists():

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from unlearn_fast.nn.wf_layers import GateContext, WFConv2d, WFLinear, _WFLayer
+from unlearn_fast.ops.wf_gate import check_labels
 
 __all__ = ["WFModel", "wrap", "bake", "compose", "is_gated_linear"]
 
@@ -44,6 +45,11 @@ class WFModel(nn.Module):
         self._ctx = GateContext()
         for p in model.parameters():
             p.requires_grad_(False)
+        for m in model.modules():
+            # The fused op saves its output for the alpha gradient; an in-place op after it (VGG's
+            # ReLU(inplace=True)) would overwrite it. Same values, one more activation buffer.
+            if isinstance(getattr(m, "inplace", None), bool):
+                m.inplace = False
         targets = [(n, m) for n, m in model.named_modules()
                    if isinstance(m, nn.Conv2d) or is_gated_linear(n, m)]
         if not targets:
@@ -62,6 +68,7 @@ class WFModel(nn.Module):
             if forget_labels.dim() == 0:
                 forget_labels = forget_labels.expand(x.shape[0])
             forget_labels = forget_labels.long()
+            check_labels(forget_labels, x.shape[0], self.num_classes)
         self._ctx.labels = forget_labels
         try:
             return self.model(x)

@@ -15,25 +15,32 @@ from unlearn_fast.reference import wf_gate as ref
 __all__ = ["wf_conv2d", "wf_linear"]
 
 
-def _check(x: Tensor, weight: Tensor, alpha_w: Tensor, alpha_b: Tensor | None, labels: Tensor) -> None:
-    if labels.dim() != 1 or labels.shape[0] != x.shape[0]:
-        raise ValueError(f"forget labels must be [B]={x.shape[0]} gate rows, got shape {tuple(labels.shape)}")
+def check_labels(labels: Tensor, batch: int, num_classes: int, *, check_range: bool = True) -> None:
+    """Gate labels must be ``[batch]`` integers in ``[0, num_classes)``. The range check reads the
+    labels on the host (a device sync): callers on CUDA do it once per forward, not once per layer."""
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"forget labels must be [B]={batch} gate rows, got shape {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"forget labels must be an integer tensor, got {labels.dtype}")
+    if check_range and labels.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise IndexError(f"forget labels must lie in [0, {num_classes}), got range [{lo}, {hi}]")
+
+
+def _check(x: Tensor, weight: Tensor, alpha_w: Tensor, alpha_b: Tensor | None, labels: Tensor) -> None:
     if alpha_w.dim() != 2 or alpha_w.shape[1] != weight.shape[0]:
         raise ValueError(f"alpha_w must be [N_classes, {weight.shape[0]}], got {tuple(alpha_w.shape)}")
     if alpha_b is not None and alpha_b.shape != alpha_w.shape:
         raise ValueError(f"alpha_b must match alpha_w {tuple(alpha_w.shape)}, got {tuple(alpha_b.shape)}")
-    if labels.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= alpha_w.shape[0]:
-            raise IndexError(f"forget labels must lie in [0, {alpha_w.shape[0]}), got range [{lo}, {hi}]")
+    # per-layer range check only where it costs no device sync (WFModel checks once per forward)
+    check_labels(labels, x.shape[0], alpha_w.shape[0], check_range=labels.device.type == "cpu")
 
 
 def wf_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, alpha_w: Tensor, alpha_b: Tensor | None,
               labels: Tensor, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     _check(x, weight, alpha_w, alpha_b, labels)
-    if resolve("wf_conv2d", x.device) == "triton" and groups == 1:
+    if resolve("wf_conv2d", x.device) == "triton" and groups == 1 and not isinstance(padding, str):
         from unlearn_fast.ops.wf_triton import wf_conv2d_triton
 
         return wf_conv2d_triton(x, weight, bias, alpha_w, alpha_b, labels, stride, padding, dilation)
