@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from unlearn_fast.evaluation.plots import save_figure  # noqa: E402
+
 __all__ = ["compare_table_markdown", "plot_cka_layers", "plot_tsne", "tsne_embed", "write_compare_report",
            "TABLE_COLUMNS"]
 
@@ -56,13 +58,6 @@ def compare_table_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def plot_cka_layers(metrics: dict[str, Any], path: Path) -> Path:
     """EC Fig. 2: CKA (x100) to the original model on D_f^te, per feature layer, one bar per model."""
     names = [n for n in metrics["order"] if n != "original" and metrics["rows"].get(n, {}).get("status") == "ok"]
@@ -79,7 +74,7 @@ def plot_cka_layers(metrics: dict[str, Any], path: Path) -> Path:
     ax.set_title("Layer-wise CKA to the original model (lower = more forgotten)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=min(4, max(1, len(names))), loc="lower left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def tsne_embed(features: torch.Tensor, seed: int = 0) -> np.ndarray:
@@ -119,7 +114,7 @@ def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray]], forget: Sequence
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_compare_report(run_dir: str | Path, metrics: dict[str, Any], figures: dict[str, str] | None = None) -> Path:

@@ -12,11 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["plot_accuracy_bars", "plot_alpha_heatmap", "plot_insertion_deletion", "plot_filter_class",
+__all__ = ["save_figure", "plot_accuracy_bars", "plot_alpha_heatmap", "plot_insertion_deletion", "plot_filter_class",
            "filter_class_links"]
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG (folders created) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -40,7 +41,7 @@ def plot_accuracy_bars(metrics: dict[str, Any], path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Per-class accuracy with gate row c (test split)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _layer_alphas(alpha_state: dict[str, torch.Tensor]) -> list[tuple[str, np.ndarray]]:
@@ -66,7 +67,7 @@ def plot_alpha_heatmap(alpha_state: dict[str, torch.Tensor], class_names: Sequen
     axes[1].set_xlabel("output channel")
     axes[1].set_title(f"sigmoid(alpha) of {name}", fontsize=9)
     fig.colorbar(im2, ax=axes[1], fraction=0.04)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_insertion_deletion(ins_del: dict[str, Any], class_names: Sequence[str], path: Path) -> Path:
@@ -85,7 +86,7 @@ def plot_insertion_deletion(ins_del: dict[str, Any], class_names: Sequence[str],
         ax.set_ylabel("confidence / original confidence")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def filter_class_links(gates: np.ndarray, top_k: int = 10, min_classes: int = 2) -> tuple[list[int], list[tuple[int, int, float]]]:
@@ -126,4 +127,4 @@ def plot_filter_class(alpha_state: dict[str, torch.Tensor], class_names: Sequenc
         ax.axis("off")
         ax.set_title(f"{name}: {len(filters)} filters shared by >= {min_classes} classes", fontsize=9)
     fig.suptitle(f"Filter-class associations (top-{top_k} of 1 - sigmoid(alpha) per class)")
-    return _save(fig, path)
+    return save_figure(fig, path)
