@@ -65,15 +65,16 @@ def plot_cka_layers(metrics: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(layers) + 0.35 * len(names) * len(layers) / 2), 3.8))
     w = 0.8 / max(1, len(names))
     x = np.arange(len(layers))
+    cmap = plt.get_cmap("tab20")  # distinct colours for up to 20 models
     for i, n in enumerate(names):
         vals = [metrics["rows"][n]["cka_layers"].get(lay, float("nan")) for lay in layers]
-        ax.bar(x + (i - (len(names) - 1) / 2) * w, vals, w, label=_LABELS.get(n, n))
+        ax.bar(x + (i - (len(names) - 1) / 2) * w, vals, w, label=_LABELS.get(n, n), color=cmap(i % cmap.N))
     ax.set_xticks(x, layers, rotation=30 if len(layers) > 6 else 0, fontsize=8)
     ax.set_ylabel("CKA to original (x100), forget test set")
     ax.set_ylim(0, 105)
     ax.set_title("Layer-wise CKA to the original model (lower = more forgotten)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=min(4, max(1, len(names))), loc="lower left")
+    ax.legend(fontsize=7, ncol=1 if len(names) <= 12 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
 
