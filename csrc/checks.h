@@ -121,4 +121,72 @@ inline void check_hsic_inputs(at::TensorList feats, const at::Tensor& hsic_sum) 
               hsic_sum.sizes());
 }
 
+inline void check_feature_list(at::TensorList fs, const char* op, const char* name, int64_t n,
+                               const at::Device& dev) {
+  for (size_t l = 0; l < fs.size(); ++l) {
+    TORCH_CHECK(fs[l].dim() == 2 && fs[l].size(0) == n, op, ": ", name, "[", l, "] must be [n=", n,
+                ", d], got ", fs[l].sizes(), " (pool or flatten feature maps first)");
+    TORCH_CHECK(at::isFloatingType(fs[l].scalar_type()), op, ": ", name, "[", l, "] must be floating point, got ",
+                fs[l].scalar_type());
+    TORCH_CHECK(fs[l].device() == dev, op, ": ", name, "[", l, "] on ", fs[l].device(), " but the accumulators on ",
+                dev);
+  }
+}
+
+inline void check_f64(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name,
+                      const at::Device& dev) {
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.sizes() == shape && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous float64 tensor of shape ", shape, ", got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.device() == dev, op, ": ", name, " on ", t.device(), " but the features on ", dev);
+}
+
+inline void check_cka_cross(at::TensorList xs, at::TensorList ys, const at::Tensor& sxy, at::TensorList sxx,
+                            at::TensorList syy, at::TensorList sx, at::TensorList sy) {
+  const char* op = "cka_accumulate_cross";
+  TORCH_CHECK(!xs.empty() && !ys.empty(), op, ": need at least one layer on each side");
+  TORCH_CHECK(sxx.size() == xs.size() && sx.size() == xs.size() && syy.size() == ys.size() && sy.size() == ys.size(),
+              op, ": sxx, sx need one entry per xs (", xs.size(), ") and syy, sy one per ys (", ys.size(), ")");
+  const int64_t n = xs[0].size(0);
+  const at::Device dev = sxy.device();
+  check_feature_list(xs, op, "xs", n, dev);
+  check_feature_list(ys, op, "ys", n, dev);
+  int64_t Dx = 0, Dy = 0;
+  for (size_t l = 0; l < xs.size(); ++l) {
+    const int64_t d = xs[l].size(1);
+    check_f64(sxx[l], {d, d}, op, "sxx[l]", dev);
+    check_f64(sx[l], {d}, op, "sx[l]", dev);
+    Dx += d;
+  }
+  for (size_t l = 0; l < ys.size(); ++l) {
+    const int64_t d = ys[l].size(1);
+    check_f64(syy[l], {d, d}, op, "syy[l]", dev);
+    check_f64(sy[l], {d}, op, "sy[l]", dev);
+    Dy += d;
+  }
+  TORCH_CHECK(sxy.scalar_type() == at::kDouble && sxy.dim() == 2 && sxy.size(0) == Dx && sxy.size(1) == Dy, op,
+              ": sxy must be float64 [Dx, Dy] = [", Dx, ", ", Dy, "] (summed widths), got ", sxy.scalar_type(), " ",
+              sxy.sizes());
+}
+
+inline void check_hsic_cross(at::TensorList xs, at::TensorList ys, const at::Tensor& hxy, const at::Tensor& hxx,
+                             const at::Tensor& hyy, bool all_pairs) {
+  const char* op = "hsic_cross_accumulate";
+  TORCH_CHECK(!xs.empty() && !ys.empty(), op, ": need at least one feature set on each side");
+  const int64_t n = xs[0].size(0);
+  TORCH_CHECK(n >= 4, op, ": the unbiased HSIC estimator needs a minibatch of n >= 4 samples, got n=", n);
+  const at::Device dev = hxy.device();
+  check_feature_list(xs, op, "xs", n, dev);
+  check_feature_list(ys, op, "ys", n, dev);
+  const int64_t Lx = static_cast<int64_t>(xs.size()), Ly = static_cast<int64_t>(ys.size());
+  if (all_pairs) {
+    check_f64(hxy, {Lx, Ly}, op, "hxy", dev);
+  } else {
+    TORCH_CHECK(Lx == Ly, op, ": all_pairs=False pairs xs[l] with ys[l]: need as many xs as ys, got ", Lx, " and ",
+                Ly);
+    check_f64(hxy, {Lx}, op, "hxy", dev);
+  }
+  check_f64(hxx, {Lx}, op, "hxx", dev);
+  check_f64(hyy, {Ly}, op, "hyy", dev);
+}
+
 }  // namespace unlearn_fast

@@ -4,7 +4,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "checks.h"
+#include "metrics_math.h"
 
 namespace unlearn_fast {
 
@@ -46,6 +50,135 @@ inline HsicParts hsic_parts_aten(at::TensorList feats) {
   const at::Tensor R = K.sum(2);  // [M, n] row sums K 1
   const at::Tensor V = K.view({M, n * n});
   return HsicParts{at::mm(V, V.t()), at::mm(R, R.t()), R.sum(1)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact statistics of every (layer a of X, layer b of Y) pair without the X-X / Y-Y cross blocks:
+// sxy += cat(xs)^T cat(ys) [Dx, Dy] (every block of it is read), but sxx[l] += x_l^T x_l and
+// syy[l] += y_l^T y_l only per layer (the diagonal blocks, the only ones the CKA denominators read).
+// ---------------------------------------------------------------------------------------------
+inline void cka_accumulate_cross_aten(at::TensorList xs, at::TensorList ys, const at::Tensor& sxy,
+                                      at::TensorList sxx, at::TensorList syy, at::TensorList sx, at::TensorList sy) {
+  check_cka_cross(xs, ys, sxy, sxx, syy, sx, sy);
+  if (xs[0].size(0) == 0) return;
+  auto dbl = [](at::TensorList fs) {
+    std::vector<at::Tensor> out;
+    out.reserve(fs.size());
+    for (const at::Tensor& f : fs) out.push_back(f.to(at::kDouble));
+    return out;
+  };
+  const std::vector<at::Tensor> xd = dbl(xs), yd = dbl(ys);
+  const at::Tensor X = xd.size() == 1 ? xd[0] : at::cat(xd, 1);
+  const at::Tensor Y = yd.size() == 1 ? yd[0] : at::cat(yd, 1);
+  sxy.addmm_(X.t(), Y);
+  for (size_t l = 0; l < xd.size(); ++l) {
+    sxx[l].addmm_(xd[l].t(), xd[l]);
+    sx[l].add_(xd[l].sum(0));
+  }
+  for (size_t l = 0; l < yd.size(); ++l) {
+    syy[l].addmm_(yd[l].t(), yd[l]);
+    sy[l].add_(yd[l].sum(0));
+  }
+}
+
+// Per-minibatch pieces of the unbiased HSIC for the Lx sets of X against the Ly sets of Y, fused:
+//   txy [Lx, Ly] (or [L] when !all_pairs) = tr(K~_a L~_b), txx [Lx] = tr(K~_a K~_a), tyy [Ly],
+//   rx [Lx, n] = K~_a 1, ry [Ly, n] = L~_b 1   (K~ = Gram with a zero diagonal), all float64.
+// Only the pairs that are read are formed: no X-X or Y-Y cross pairs. Each set is centred over the
+// minibatch first (HSIC_1 is invariant to it, and it keeps the Gram entries small next to their
+// rounding); the Grams are built in row blocks of their strictly lower triangle only (K~ is symmetric
+// with a zero diagonal: tr(K~ L~) = 2 <tril K, tril L>, K~ 1 = row sums + column sums of tril K), in the
+// features' precision (float32, float64 for float64 features), and every sum over them is float64.
+// Deterministic: fixed block order, no atomics.
+struct HsicCross {
+  at::Tensor txy, txx, tyy, rx, ry;
+};
+
+inline at::Tensor hsic_centred(const at::Tensor& f) {
+  const auto ct = f.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor mu = f.sum(0, /*keepdim=*/true, at::kDouble).div_(static_cast<double>(f.size(0)));
+  return f.to(ct).sub(mu.to(ct));
+}
+
+// Rows per block: about 1/8 of n (the triangle then costs ~56% of a full Gram), at least 32, and
+// at most what keeps the float64 block of all sets under ~64 MiB.
+inline int64_t hsic_block_rows(int64_t n, int64_t sets) {
+  const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / (8 * std::max<int64_t>(1, sets * n)));
+  const int64_t want = std::max<int64_t>(32, (n + 7) / 8);
+  return std::max<int64_t>(1, std::min<int64_t>({n, want, cap}));
+}
+
+inline HsicCross hsic_cross_parts_aten(at::TensorList xs, at::TensorList ys, bool all_pairs) {
+  const int64_t Lx = static_cast<int64_t>(xs.size()), Ly = static_cast<int64_t>(ys.size());
+  const int64_t M = Lx + Ly;
+  const int64_t n = xs[0].size(0);
+  std::vector<at::Tensor> F;
+  F.reserve(M);
+  for (const at::Tensor& f : xs) F.push_back(hsic_centred(f));
+  for (const at::Tensor& f : ys) F.push_back(hsic_centred(f));
+  const auto dopt = F[0].options().dtype(at::kDouble);
+  at::Tensor rows = at::zeros({M, n}, dopt);
+  at::Tensor txy = all_pairs ? at::zeros({Lx, Ly}, dopt) : at::zeros({Lx}, dopt);
+  at::Tensor txx = at::zeros({Lx}, dopt), tyy = at::zeros({Ly}, dopt);
+  const int64_t bs = hsic_block_rows(n, M);
+  for (int64_t i0 = 0; i0 < n; i0 += bs) {
+    const int64_t i1 = std::min(n, i0 + bs), r = i1 - i0;
+    at::Tensor V = at::empty({M, r, i1}, dopt);
+    for (int64_t m = 0; m < M; ++m) {
+      at::Tensor G = at::mm(F[m].narrow(0, i0, r), F[m].narrow(0, 0, i1).t());  // [r, i1]: rows i0..i1 of K
+      at::Tensor sq = G.narrow(1, i0, r);
+      sq.copy_(sq.tril(-1));  // keep j < i only (strictly lower triangle)
+      at::Tensor v = V.select(0, m);
+      v.copy_(G);
+      rows.select(0, m).narrow(0, i0, r).add_(v.sum(1));
+      rows.select(0, m).narrow(0, 0, i1).add_(v.sum(0));
+    }
+    const at::Tensor Vf = V.view({M, r * i1});
+    const at::Tensor Vx = Vf.narrow(0, 0, Lx), Vy = Vf.narrow(0, Lx, Ly);
+    if (all_pairs) txy.addmm_(Vx, Vy.t());
+    else txy.add_((Vx * Vy).sum(1));
+    txx.add_((Vx * Vx).sum(1));
+    tyy.add_((Vy * Vy).sum(1));
+  }
+  return HsicCross{txy.mul_(2.0), txx.mul_(2.0), tyy.mul_(2.0), rows.narrow(0, 0, Lx), rows.narrow(0, Lx, Ly)};
+}
+
+// hxy += HSIC_1 of each read pair, hxx += HSIC_1(K_a, K_a), hyy += HSIC_1(L_b, L_b), from the parts
+// (the [Lx, Ly] scalars are combined on the host with math::hsic1_unbiased, the function the host
+// tests check; one small device-to-host copy per minibatch).
+inline void hsic_cross_accumulate_aten(at::TensorList xs, at::TensorList ys, const at::Tensor& hxy,
+                                       const at::Tensor& hxx, const at::Tensor& hyy, bool all_pairs) {
+  check_hsic_cross(xs, ys, hxy, hxx, hyy, all_pairs);
+  const double n = static_cast<double>(xs[0].size(0));
+  const HsicCross p = hsic_cross_parts_aten(xs, ys, all_pairs);
+  const at::Tensor sx = p.rx.sum(1), sy = p.ry.sum(1);
+  const at::Tensor dxy = all_pairs ? at::mm(p.rx, p.ry.t()) : (p.rx * p.ry).sum(1);
+  const at::Tensor dxx = (p.rx * p.rx).sum(1), dyy = (p.ry * p.ry).sum(1);
+  auto host = [](const at::Tensor& t) { return t.to(at::kCPU).contiguous(); };
+  const at::Tensor txy = host(p.txy), txx = host(p.txx), tyy = host(p.tyy), hsx = host(sx), hsy = host(sy),
+                   hdxy = host(dxy), hdxx = host(dxx), hdyy = host(dyy);
+  const int64_t Lx = static_cast<int64_t>(xs.size()), Ly = static_cast<int64_t>(ys.size());
+  at::Tensor oxy = at::empty(txy.sizes(), txy.options()), oxx = at::empty({Lx}, txx.options()),
+             oyy = at::empty({Ly}, tyy.options());
+  const double *a = hsx.data_ptr<double>(), *b = hsy.data_ptr<double>();
+  for (int64_t i = 0; i < Lx; ++i) {
+    oxx.data_ptr<double>()[i] =
+        math::hsic1_unbiased(txx.data_ptr<double>()[i], a[i], a[i], hdxx.data_ptr<double>()[i], n);
+    if (all_pairs) {
+      for (int64_t j = 0; j < Ly; ++j)
+        oxy.data_ptr<double>()[i * Ly + j] = math::hsic1_unbiased(
+            txy.data_ptr<double>()[i * Ly + j], a[i], b[j], hdxy.data_ptr<double>()[i * Ly + j], n);
+    } else {
+      oxy.data_ptr<double>()[i] =
+          math::hsic1_unbiased(txy.data_ptr<double>()[i], a[i], b[i], hdxy.data_ptr<double>()[i], n);
+    }
+  }
+  for (int64_t j = 0; j < Ly; ++j)
+    oyy.data_ptr<double>()[j] =
+        math::hsic1_unbiased(tyy.data_ptr<double>()[j], b[j], b[j], hdyy.data_ptr<double>()[j], n);
+  hxy.add_(oxy.to(hxy.device()));
+  hxx.add_(oxx.to(hxx.device()));
+  hyy.add_(oyy.to(hyy.device()));
 }
 
 }  // namespace unlearn_fast

@@ -47,6 +47,16 @@ TORCH_LIBRARY(unlearn_fast, m) {
   m.def("cka_centered_sqnorm(Tensor s, Tensor s1, Tensor s2, float n, int[] offsets1, int[] offsets2) -> Tensor");
   // Unbiased minibatch HSIC (Nguyen et al. 2021) of every pair of M feature sets: hsic_sum += H [M, M].
   m.def("hsic_minibatch_accumulate(Tensor[] feats, Tensor(a!) hsic_sum) -> ()");
+  // Exact statistics of every (layer of X, layer of Y) pair: sxy over the concatenated widths
+  // [Dx, Dy], but sxx / syy per layer only (the diagonal blocks the CKA denominators read).
+  m.def(
+      "cka_accumulate_cross(Tensor[] xs, Tensor[] ys, Tensor(a!) sxy, Tensor(b!)[] sxx, Tensor(c!)[] syy, "
+      "Tensor(d!)[] sx, Tensor(e!)[] sy) -> ()");
+  // Fused unbiased minibatch HSIC of X's sets against Y's: hxy [Lx, Ly] (all_pairs) or [L] (pair l with l),
+  // hxx [Lx], hyy [Ly] += HSIC_1; no X-X / Y-Y cross pairs are formed.
+  m.def(
+      "hsic_cross_accumulate(Tensor[] xs, Tensor[] ys, Tensor(a!) hxy, Tensor(b!) hxx, Tensor(c!) hyy, "
+      "bool all_pairs) -> ()");
 }
 
 }  // namespace unlearn_fast

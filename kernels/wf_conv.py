@@ -3,15 +3,15 @@
 Shapes: ``x [B, C, H, W]`` (NCHW or channels-last: any strides), ``weight [O, C, KH, KW]`` (frozen,
 groups=1), ``bias [O]`` or None (frozen), ``alpha_w, alpha_b [N, O]`` fp32 raw gates, ``labels [B]``.
 Any stride / padding / dilation. y keeps x's memory format. fp32 (TF32 when
-``torch.backends.cudnn.allow_tf32``) or bf16/fp16 inputs, fp32 accumulation; alpha and dalpha fp32.
+torch's cuDNN-conv TF32 policy, ``kernels._tf32``) or bf16/fp16 inputs, fp32 accumulation; alpha and dalpha fp32.
 
 * ``wf_conv2d_forward``: implicit GEMM, rows = output pixels ``(b, oh, ow)`` (M = B*Ho*Wo), columns =
   output channels, reduction over ``(kh, kw, c)``; the epilogue gathers the sample's gate row.
 * ``wf_conv2d_backward``: dx by an implicit-GEMM transposed conv (rows = input pixels, reduction over
   ``(o, kh, kw)``) with the gate applied to the dy tile in the prologue (``sigmoid(alpha_w)[label]`` is
-  gathered once per o-block and reused for every tap); dalpha by the label-keyed segmented reduction
-  of ``kernels._common`` (one read of dy and the saved output y, one atomic add per program) and a
-  tiny finalize.
+  gathered once per o-block and reused for every tap); dalpha by the deterministic label-keyed
+  reduction of ``kernels._common`` (per-sample partials from one read of dy and the saved output y,
+  then a per-class sum in a fixed order; no atomics).
 """
 from __future__ import annotations
 
@@ -19,16 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from unlearn_fast.kernels._common import (INTERPRET, configs, dalpha_finalize, dalpha_reduce, dot_precision,
-                                          gate_prep, tile_ids)
+from unlearn_fast.kernels._common import autotune, dalpha, dot_precision, m_bucket, tile_ids
 
 __all__ = ["wf_conv2d_forward", "wf_conv2d_backward", "conv_out_size"]
 
-_H100 = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
-    (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 32, 32, 4, 4), (32, 64, 32, 4, 4),
-]
-_INTERP = (64, 64, 64)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the first is the UNLEARN_FAST_AUTOTUNE=0 default.
+# fp32 shared memory: 96, 64, 64, 32 KiB; pruned by the device's limit (kernels._common.autotune).
+_TABLE = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4)]
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -50,10 +47,10 @@ def conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
 #   z[b,o,oh,ow] = sum_{c,kh,kw} x[b, c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw] W[o, c, kh, kw]
 #   y = sigmoid(alpha_w[c_b, o]) * z + sigmoid(alpha_b[c_b, o]) * b[o]          (epilogue)
 # Out-of-image taps read 0 (masked loads = zero padding).
-@triton.autotune(configs=configs(_H100, _INTERP), key=["M", "O", "C", "KH", "KW", "STRIDE_H", "HAS_BIAS"])
+@autotune(_TABLE, key=["M_BUCKET", "O", "C", "KH", "KW", "STRIDE_H", "HAS_BIAS"], first_tensor="x_ptr")
 @triton.jit
 def _wf_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, aw_ptr, ab_ptr, lab_ptr, y_ptr,
-                        M, C, H, W, O, Ho, Wo,
+                        M, C, H, W, O, Ho, Wo, M_BUCKET,
                         s_xb, s_xc, s_xh, s_xw, s_wo, s_wc, s_wh, s_ww, s_yb, s_yo, s_yh, s_yw,
                         STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
                         KH: tl.constexpr, KW: tl.constexpr,
@@ -107,10 +104,10 @@ def _wf_conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, aw_ptr, ab_ptr, lab_ptr, y_ptr,
 #   exact and 0 <= oh < Ho, 0 <= ow < Wo (every other tap contributes nothing).
 # The o-block loop is outermost so the gathered gate tile g[label(row), o-block] is loaded once and
 # multiplied into the dy tile of every tap (the GEMM prologue).
-@triton.autotune(configs=configs(_H100, _INTERP), key=["M", "O", "C", "KH", "KW", "STRIDE_H"])
+@autotune(_TABLE, key=["M_BUCKET", "O", "C", "KH", "KW", "STRIDE_H"], first_tensor="w_ptr")
 @triton.jit
-def _wf_conv_dx_kernel(dy_ptr, w_ptr, g_ptr, lab_ptr, dx_ptr,
-                       M, C, H, W, O, Ho, Wo,
+def _wf_conv_dx_kernel(dy_ptr, w_ptr, aw_ptr, lab_ptr, dx_ptr,
+                       M, C, H, W, O, Ho, Wo, M_BUCKET,
                        s_db, s_do, s_dh, s_dw, s_wo, s_wc, s_wh, s_ww, s_xb, s_xc, s_xh, s_xw,
                        STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
                        KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
@@ -134,7 +131,8 @@ def _wf_conv_dx_kernel(dy_ptr, w_ptr, g_ptr, lab_ptr, dx_ptr,
     for o0 in range(0, O, BLOCK_K):
         oo = o0 + rk
         omask = oo < O
-        g = tl.load(g_ptr + lab[:, None] * O + oo[None, :], mask=mmask[:, None] & omask[None, :], other=0.0)
+        g = tl.sigmoid(tl.load(aw_ptr + lab[:, None] * O + oo[None, :], mask=mmask[:, None] & omask[None, :],
+                               other=0.0))
         for kh in range(KH):
             th = ih + PAD_H - kh * DIL_H
             thc = tl.maximum(th, 0)
@@ -201,10 +199,19 @@ def wf_conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(O, meta["BLOCK_N"]),)  # noqa: E731
     _wf_conv_fwd_kernel[grid](
         x, w, bias.detach().contiguous() if has_bias else aw, aw, ab, labels.contiguous(), y,
-        M, C, H, W, O, Ho, Wo, *x.stride(), *w.stride(), *y.stride(), sh, sw, ph, pw, dh, dw,
+        M, C, H, W, O, Ho, Wo, m_bucket(M), *x.stride(), *w.stride(), *y.stride(), sh, sw, ph, pw, dh, dw,
         KH=KH, KW=KW, HAS_BIAS=has_bias, HAS_ALPHA_B=alpha_b is not None,
         PRECISION=dot_precision(x.dtype, conv=True))
     return y
+
+
+def _srs(t: torch.Tensor) -> tuple[int, int, int]:
+    """(sample, row = output pixel, channel) element strides of a ``[B, O, Ho, Wo]`` tensor; the pixel
+    index runs over (oh, ow) with ow fastest, one stride for both NCHW and channels-last."""
+    if t.shape[2] > 1 and t.stride(2) != t.stride(3) * t.shape[3]:
+        raise ValueError("wf_conv2d_backward: dy / y must be NCHW- or channels-last-contiguous per pixel; "
+                         "call .contiguous() or .contiguous(memory_format=torch.channels_last) first")
+    return (t.stride(0), t.stride(3), t.stride(1))
 
 
 def wf_conv2d_backward(dy: torch.Tensor, y: torch.Tensor, x_shape: tuple[int, int, int, int], weight: torch.Tensor,
@@ -212,12 +219,13 @@ def wf_conv2d_backward(dy: torch.Tensor, y: torch.Tensor, x_shape: tuple[int, in
                        labels: torch.Tensor, stride=1, padding=0, dilation=1, need_dx: bool = True,
                        channels_last: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``(dx, dalpha_w, dalpha_b)`` from ``dy`` and the saved output ``y`` (``[B, O, Ho, Wo]``);
-    ``dx [B, C, H, W]`` in dy's dtype (None if not ``need_dx``), dalpha fp32 ``[N, O]``."""
+    ``dx [B, C, H, W]`` in dy's dtype, channels-last iff ``channels_last`` (None if not ``need_dx``);
+    dalpha fp32 ``[N, O]``, bit-identical from run to run."""
     B, C, H, W = x_shape
     O, _, KH, KW = weight.shape
     Ho, Wo = y.shape[2], y.shape[3]
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    g, sums = gate_prep(alpha_w)
+    aw = alpha_w.detach().float().contiguous()
     lab = labels.contiguous()
     dx = None
     if need_dx:
@@ -225,18 +233,10 @@ def wf_conv2d_backward(dy: torch.Tensor, y: torch.Tensor, x_shape: tuple[int, in
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         dx = torch.empty((B, C, H, W), device=dy.device, dtype=dy.dtype, memory_format=fmt)
         M = B * H * W
-        if M > 0:
+        if M > 0 and C > 0:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)  # noqa: E731
             _wf_conv_dx_kernel[grid](
-                dy, w, g, lab, dx, M, C, H, W, O, Ho, Wo, *dy.stride(), *w.stride(), *dx.stride(),
+                dy, w, aw, lab, dx, M, C, H, W, O, Ho, Wo, m_bucket(M), *dy.stride(), *w.stride(), *dx.stride(),
                 sh, sw, ph, pw, dh, dw, KH=KH, KW=KW, PRECISION=dot_precision(dy.dtype, conv=True))
-    if B > 0:
-        # (sample, row = pixel, channel) strides; the pixel index runs over (oh, ow) with ow fastest,
-        # which is one stride for both NCHW and channels-last outputs.
-        def srs(t: torch.Tensor) -> tuple[int, int, int]:
-            if t.stride(2) != t.stride(3) * t.shape[3] and t.shape[2] > 1:
-                raise ValueError("wf_conv2d_backward: dy / y must be NCHW- or channels-last-contiguous per pixel")
-            return (t.stride(0), t.stride(3), t.stride(1))
-        dalpha_reduce(dy, y, lab, alpha_b.detach().float().contiguous() if alpha_b is not None else None, bias,
-                      sums, srs(dy), srs(y), B, Ho * Wo, O)
-    return (dx,) + dalpha_finalize(g, sums, alpha_b, bias)
+    daw, dab = dalpha(dy, y, lab, aw, alpha_b, bias, _srs(dy), _srs(y), B, Ho * Wo, O)
+    return dx, daw, dab

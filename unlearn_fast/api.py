@@ -5,193 +5,300 @@ step reads it, so any step can be stopped and started again with the same call:
 
     runs/NAME/config.yaml  splits.json  original.safetensors  retrain/c<k>.safetensors  wf.safetensors
               metrics.json  report.md  figures/*.png  log.csv  timing.json  state/
+
+Integrity (``unlearn_fast.run_files``): every input is validated before anything is written; each
+artefact records the fingerprint of what produced it (data, model, seed, hyper-parameters, the
+digests of its inputs) and is recomputed - with everything downstream - when a later call asks for
+other settings; files are written atomically; a lock keeps a second process out of a busy run dir.
+Every result carries a health verdict (``unlearn_fast.evaluation.health``).
 """
 from __future__ import annotations
 
 import json
-import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import yaml
 
-__all__ = ["train", "evaluate", "compare", "TrainResult", "default_device"]
+from unlearn_fast.run_files import RunLock, atomic_write_json, atomic_write_text, fingerprint
+from unlearn_fast.runs import (check_device, default_device, ensure_original, open_run, original_health, plan_run,
+                               read_config, record_time, stage_verdicts)
 
-_RUN_KEYS = ("model", "data", "seed", "img_size", "in_chans", "val_fraction", "test_fraction", "max_per_class")
+__all__ = ["train", "evaluate", "compare", "TrainResult", "default_device"]
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns: the trained / unlearned model, its metrics (if evaluated) and the run dir."""
+    """What :func:`train` returns: the trained / unlearned model, its metrics (if evaluated), the run dir,
+    and the health verdict (``{"status": "ok" | "warn" | "fail", "reasons": [...], "notes": [...]}``)."""
 
     model: Any
     metrics: dict[str, Any] | None
     run_dir: Path
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _default_run_dir(model: str, data: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{data}").strip("_")
-    return Path("runs") / slug
-
-
-def _default_img_size(model: str, data: str) -> int | None:
-    # The small CNN runs digits at their native 8x8; the paper backbones at 32 px (WF-Net App. A).
-    return None if model == "small_cnn" else 32
-
-
-def _open_run(run_dir: Path, run_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Create the run dir or check that it holds the same run; returns the stored config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    if path.exists():
-        old = yaml.safe_load(path.read_text()) or {}
-        diff = {k: (old.get(k), run_cfg[k]) for k in _RUN_KEYS if k in run_cfg and run_cfg[k] is not None
-                and old.get(k) is not None and old.get(k) != run_cfg[k]}
-        if diff:
-            raise ValueError(f"{run_dir} holds another run ({', '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in diff.items())}); "
-                             "use another run_dir or the same settings")
-        merged = {**run_cfg, **{k: v for k, v in old.items() if k in _RUN_KEYS and v is not None}}
-    else:
-        merged = dict(run_cfg)
-    path.write_text(yaml.safe_dump({**(yaml.safe_load(path.read_text()) if path.exists() else {}), **merged}, sort_keys=False))
-    return merged
-
-
-def _context(run_dir: Path, cfg: dict[str, Any], device: torch.device, progress: bool):
-    from unlearn_fast.data import load
-    from unlearn_fast.methods import RunContext
-
-    data_kwargs = {k: cfg[k] for k in ("img_size", "in_chans", "val_fraction", "test_fraction", "max_per_class") if cfg.get(k) is not None}
-    data = load(cfg["data"], seed=cfg.get("seed", 0), **data_kwargs)
-    splits = run_dir / "splits.json"
-    if splits.exists():  # a resumed run must see the same samples in the same splits
-        data.check_manifest(json.loads(splits.read_text()))
-    else:
-        splits.write_text(json.dumps(data.manifest()))
-    return RunContext(data=data, model_name=cfg["model"], run_dir=run_dir, device=device, seed=cfg.get("seed", 0),
-                      progress=progress)
-
-
-def prepare_run(model: str, data: str, run_dir: str | Path | None, *, seed: int = 0,
-                device: str | torch.device | None = None, img_size: int | None = None, in_chans: int | None = None,
-                progress: bool = True):
-    """Open (or re-open and check) a run directory and load its data: ``(run_dir, device, cfg, ctx)``."""
-    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(model, data)
-    device = torch.device(device) if device is not None else default_device()
-    if img_size is None:
-        img_size = _default_img_size(model, data)
-    cfg = _open_run(run_dir, {"model": model, "data": data, "seed": seed, "img_size": img_size, "in_chans": in_chans})
-    return run_dir, device, cfg, _context(run_dir, cfg, device, progress)
-
-
-def _record_time(run_dir: Path, key: str, seconds: float) -> None:
-    path = run_dir / "timing.json"
-    t = json.loads(path.read_text()) if path.exists() else {}
-    t[key] = seconds
-    path.write_text(json.dumps(t, indent=1))
-
-
-def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", run_dir: str | Path | None = None, *,
-          seed: int = 0, device: str | torch.device | None = None, img_size: int | None = None,
-          in_chans: int | None = None, evaluate: bool | None = None, retrain: bool = False,
-          forget: list[int] | str | None = None,
-          progress: bool = True, original_hparams: dict[str, Any] | None = None, **hparams: Any) -> TrainResult:
-    """Train or unlearn with ``method`` (see ``unlearn_fast.methods.list_methods()``).
-
-    ``wf`` trains the original model first when the run dir has none (``original_hparams`` override its
-    recipe), untrains all classes, and - unless ``evaluate=False`` - evaluates every class and writes
-    the report. ``retrain=True`` also trains the per-class retrained models that Act-Dist / JS-Div need.
-    Every keyword in ``hparams`` overrides the method's default (``preset="paper"`` for WF's paper values).
-    """
-    from unlearn_fast.methods import create_method
-
-    run_dir, device, cfg, ctx = prepare_run(model, data, run_dir, seed=seed, device=device, img_size=img_size,
-                                            in_chans=in_chans, progress=progress)
-    meth = create_method(method, **hparams)
-    if method not in ("original", "retrain") and not (run_dir / "original.safetensors").exists():
-        t0 = time.perf_counter()
-        create_method("original", **(original_hparams or {})).run(ctx)
-        _record_time(run_dir, "original_s", time.perf_counter() - t0)
-    if forget is not None:  # after the original exists: "similar:K:SPEC" needs its features
-        ctx.forget = _forget_classes(forget, ctx)
-    if retrain and method != "retrain":
-        t0 = time.perf_counter()
-        # WF needs one model per class; a forget request needs one model without all its classes
-        together = ctx.forget is not None and len(ctx.forget) > 1
-        create_method("retrain", together=together, **(original_hparams or {})).run(ctx)
-        _record_time(run_dir, "retrain_s", time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    out = meth.run(ctx)
-    if "skipped" not in out.info:
-        _record_time(run_dir, f"{method}_s", time.perf_counter() - t0)
-    (run_dir / f"{method}.hparams.yaml").write_text(yaml.safe_dump({"preset": meth.preset, **_plain(meth.hparams())}, sort_keys=False))
-    metrics = None
-    if evaluate if evaluate is not None else method == "wf":
-        metrics = globals()["evaluate"](run_dir, device=device, progress=progress)
-    return TrainResult(out.model, metrics, run_dir, out.info)
-
-
-def _forget_classes(forget: list[int] | str, ctx) -> list[int]:
-    """Explicit class list (ints or "1,4"). Other request forms are resolved by ``unlearn_fast.forget``."""
-    if isinstance(forget, str):
-        try:
-            from unlearn_fast.forget import resolve_forget_request
-        except ImportError:
-            return [int(c) for c in forget.split(",")]
-        return resolve_forget_request(forget, ctx)
-    classes = sorted({int(c) for c in forget})
-    bad = [c for c in classes if not 0 <= c < ctx.data.num_classes]
-    if bad or not classes:
-        raise ValueError(f"forget classes must be a non-empty subset of [0, {ctx.data.num_classes}), got {forget}")
-    return classes
+    health: dict[str, Any] = field(default_factory=lambda: {"status": "ok", "reasons": [], "notes": []})
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def evaluate(run_dir: str | Path, *, device: str | torch.device | None = None, batch_size: int = 512,
-             insertion_steps: int = 10, splits: tuple[str, ...] = ("test", "train"), progress: bool = True,
-             report: bool = True) -> dict[str, Any]:
-    """Evaluate the WF-Net of ``run_dir`` on every class; writes ``metrics.json`` and ``report.md``."""
-    from unlearn_fast.evaluation.report import write_report
-    from unlearn_fast.evaluation.wf_eval import evaluate_wf
-    from unlearn_fast.models.io import load_model
-    from unlearn_fast.nn import load_wf
+def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", run_dir: str | Path | None = None, *,
+          seed: int = 0, device: str | torch.device | None = None, img_size: int | None = None,
+          in_chans: int | None = None, evaluate: bool | None = None, retrain: bool = False,
+          forget: list[int] | str | None = None, max_per_class: int | None = None, data_fraction: float | None = None,
+          eval_splits: Sequence[str] = ("test", "train"), eval_train_max: int | None = 2000,
+          progress: bool = True, original_hparams: dict[str, Any] | None = None, **hparams: Any) -> TrainResult:
+    """Train or unlearn with ``method`` (see ``unlearn_fast.methods.list_methods()``).
 
+    ``wf`` trains the original model first when the run dir has none (``original_hparams`` override its
+    recipe; given, they also replace an original trained with other settings), untrains all classes,
+    and - unless ``evaluate=False`` - evaluates every class (``eval_splits``; the train split capped
+    at ``eval_train_max`` images, stratified) and writes the report. ``forget`` with ``wf`` bakes
+    (one class) or composes (several) those gate rows into a plain model, ``wf-f<classes>.safetensors``,
+    and reports its accuracy. ``retrain=True`` also trains the per-class retrained models that
+    Act-Dist / JS-Div need. Every keyword in ``hparams`` overrides the method's default (validated
+    before any work). ``max_per_class`` / ``data_fraction`` cap the data per class.
+    """
+    from unlearn_fast.evaluation.health import merge
+    from unlearn_fast.forget import precheck_forget_request, resolve_forget_request
+    from unlearn_fast.methods import create_method
+
+    # -- validate everything before any work or write --------------------------------------
+    meth = create_method(method, **hparams)
+    if method == "original" and original_hparams:
+        raise ValueError("train(method='original'): pass the recipe as hyper-parameters (or --set), not original_hparams")
+    if original_hparams is not None:
+        create_method("original", **original_hparams)
+    if method in ("original", "retrain") and forget is not None and method == "original":
+        raise ValueError("forget= has no meaning for method='original'; use it with wf or an unlearning method")
+    _check_eval_options(eval_splits, eval_train_max)
+    plan = plan_run(model, data, run_dir, seed=seed, device=device, img_size=img_size, in_chans=in_chans,
+                    max_per_class=max_per_class, data_fraction=data_fraction, progress=progress)
+    ctx, run_dir = plan.ctx, plan.run_dir
+    forget_classes = precheck_forget_request(forget, ctx) if forget is not None else None
+
+    with RunLock(run_dir):
+        open_run(plan)
+        stages: dict[str, dict] = {}
+        if method == "original":
+            out = meth.run(ctx)
+            if "skipped" not in out.info:
+                record_time(run_dir, "original_s", out.info["stages"]["original"]["seconds"])
+            health, acc = original_health(ctx)
+            _write_hparams_record(run_dir, "original")
+            info = {**out.info, "test_acc": acc}
+            return TrainResult(out.model, None, run_dir, info, merge(health, _data_verdict(plan)))
+        ensure_original(ctx, original_hparams)
+        if forget is not None:
+            ctx.forget = forget_classes if forget_classes is not None else resolve_forget_request(forget, ctx)
+        if retrain and method != "retrain":
+            together = ctx.forget is not None and len(ctx.forget) > 1
+            r = create_method("retrain", together=together, **(original_hparams or {})).run(ctx)
+            stages.update(_retrain_stages(r.info))
+        out = meth.run(ctx)
+        stages.update(out.info.get("stages") or {})
+        if "skipped" not in out.info and out.info.get("stages"):
+            record_time(run_dir, f"{method}_s", sum(s["seconds"] for s in out.info["stages"].values()))
+        if method != "retrain":
+            _write_hparams_record(run_dir, method)
+        orig_health, orig_acc = original_health(ctx)
+        health = merge(_data_verdict(plan), orig_health, *stage_verdicts(stages).values())
+        metrics = None
+        if evaluate if evaluate is not None else method == "wf":
+            metrics = _evaluate_locked(run_dir, ctx, plan.cfg, device=plan.device, progress=progress,
+                                       splits=tuple(eval_splits), train_max=eval_train_max)
+            health = merge(health, metrics["health"])
+        info = dict(out.info)
+        if method == "wf" and ctx.forget:
+            info["forget_request"] = _bake_request(out.model, ctx, orig_acc)
+            health = merge(health, info["forget_request"]["health"])
+        return TrainResult(out.model, metrics, run_dir, info, health)
+
+
+def _retrain_stages(info: dict[str, Any]) -> dict[str, dict]:
+    out = {}
+    for v in info.values():
+        if isinstance(v, dict) and "stages" in v:
+            out.update(v["stages"])
+    return out
+
+
+def _data_verdict(plan) -> dict[str, Any]:
+    return {"status": "warn" if plan.data_warnings else "ok", "reasons": [f"data: {w}" for w in plan.data_warnings],
+            "notes": []}
+
+
+def _check_eval_options(splits: Sequence[str], train_max: int | None) -> None:
+    bad = [s for s in splits if s not in ("test", "train", "val")]
+    if bad or "test" not in splits:
+        raise ValueError(f"eval_splits must include 'test' and may add 'train' / 'val', got {list(splits)}")
+    if train_max is not None and (isinstance(train_max, bool) or not isinstance(train_max, int) or train_max < 0):
+        raise ValueError(f"eval_train_max must be an integer >= 0 (0: all train images) or None, got {train_max!r}")
+
+
+def _write_hparams_record(run_dir: Path, method: str) -> None:
+    """``<method>.hparams.yaml``: the settings recorded IN the artefact, i.e. those actually used."""
+    from unlearn_fast.methods.base import artefact_meta
+
+    meta = artefact_meta(run_dir / f"{'original' if method == 'original' else method}.safetensors")
+    if meta.get("hparams") is not None:
+        atomic_write_text(run_dir / f"{method}.hparams.yaml", yaml.safe_dump(_plain(meta["hparams"]), sort_keys=False))
+
+
+def _bake_request(wf, ctx, orig_acc: float) -> dict[str, Any]:
+    """Bake (one class) or compose (several) the forget request's gate rows into a plain model, save it and
+    measure it on the test split: forget-class accuracy per class and retained accuracy."""
+    from unlearn_fast.evaluation.accuracy import predict_logits
+    from unlearn_fast.evaluation.health import forget_verdict, merge, retain_verdict
+    from unlearn_fast.models.io import load_model, save_model
+    from unlearn_fast.nn import bake, compose
+
+    classes = list(ctx.forget)
+    model = bake(wf, classes[0]) if len(classes) == 1 else compose(wf, classes)
+    tag = "-".join(map(str, classes))
+    path = ctx.run_dir / f"wf-f{tag}.safetensors"
+    save_model(model, path, method="wf", forget=classes, baked=len(classes) == 1)
+    original = load_model(ctx.run_dir / "original.safetensors", ctx.device)
+
+    def per_class(m) -> tuple[list[float], float]:
+        logits, y = predict_logits(m, ctx.data.test, ctx.device)
+        ok = (logits.argmax(1) == y).double()
+        acc_c = [float(100 * ok[y == c].mean()) if (y == c).any() else float("nan") for c in classes]
+        keep = ~torch.isin(y, torch.tensor(classes))
+        return acc_c, float(100 * ok[keep].mean()) if keep.any() else float("nan")
+
+    acc_f, acc_r = per_class(model)
+    o_f, o_r = per_class(original)
+    names = ctx.data.class_names
+    health = merge(forget_verdict(acc_f, o_f, classes, names, "wf forget request"),
+                   retain_verdict(acc_r, o_r, ctx.data.num_classes, "wf forget request"))
+    return {"classes": classes, "file": path.name, "mode": "bake" if len(classes) == 1 else "compose (experimental)",
+            "acc_f": dict(zip(map(str, classes), acc_f)), "acc_r": acc_r, "original_acc_f": dict(zip(map(str, classes), o_f)),
+            "original_acc_r": o_r, "health": health}
+
+
+def evaluate(run_dir: str | Path, *, device: str | torch.device | None = None, batch_size: int = 512,
+             insertion_steps: int = 10, splits: tuple[str, ...] = ("test", "train"), train_max: int | None = 2000,
+             progress: bool = True, report: bool = True) -> dict[str, Any]:
+    """Evaluate the WF-Net of ``run_dir`` on every class; writes ``metrics.json`` and ``report.md``.
+
+    ``splits``: the test split always, plus ``train`` / ``val``; the train split is capped at
+    ``train_max`` images (stratified, seeded; 0 = all) since every image runs under every gate row."""
+    from unlearn_fast.methods import RunContext
+
+    _check_eval_options(splits, train_max)
     run_dir = Path(run_dir)
-    cfgp = run_dir / "config.yaml"
-    if not cfgp.exists():
-        raise FileNotFoundError(f"{cfgp} is missing: {run_dir} is not an unlearn_fast run directory")
+    cfg = read_config(run_dir)
+    if cfg is None:
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'} is missing: {run_dir} is not an unlearn_fast run directory")
     for need in ("original.safetensors", "wf.safetensors"):
         if not (run_dir / need).exists():
             raise FileNotFoundError(f"{run_dir / need} is missing: run `unlearn-fast train --method wf --run-dir {run_dir}` first")
-    cfg = yaml.safe_load(cfgp.read_text())
-    device = torch.device(device) if device is not None else default_device()
-    ctx = _context(run_dir, cfg, device, progress)
-    original = load_model(run_dir / "original.safetensors", device)
-    wf = load_wf(run_dir / "wf.safetensors", original, device)
-    retrained = {}
-    for p in sorted((run_dir / "retrain").glob("c*.safetensors")) if (run_dir / "retrain").exists() else []:
-        retrained[int(p.stem[1:])] = load_model(p, device)
+    dev = check_device(device)
+    plan = plan_run(cfg["model"], cfg["data"], run_dir, seed=cfg.get("seed", 0), device=dev,
+                    img_size=cfg.get("img_size"), in_chans=cfg.get("in_chans"), max_per_class=cfg.get("max_per_class"),
+                    data_fraction=cfg.get("data_fraction"), progress=progress)
+    ctx: RunContext = plan.ctx
+    with RunLock(run_dir):
+        return _evaluate_locked(run_dir, ctx, plan.cfg, device=dev, batch_size=batch_size,
+                                insertion_steps=insertion_steps, splits=splits, train_max=train_max,
+                                progress=progress, report=report, reuse=False)
+
+
+def _capped_train(data, train_max: int | None, seed: int):
+    """A view of ``data`` whose train split keeps at most ``train_max`` images (stratified, seeded)."""
+    import copy
+
+    import numpy as np
+
+    from unlearn_fast.data.datasets import ClassSubset
+    from unlearn_fast.data.splits import cap_per_class
+
+    n = len(data.train)
+    if not train_max or n <= train_max:
+        return data, n
+    y = data.targets["train"].numpy()
+    per_class = max(1, train_max // data.num_classes)
+    keep = cap_per_class(y, per_class, seed)
+    view = copy.copy(data)
+    view.train = ClassSubset(data.train, np.asarray(keep))
+    return view, len(keep)
+
+
+def _evaluate_locked(run_dir: Path, ctx, cfg: dict[str, Any], *, device, batch_size: int = 512,
+                     insertion_steps: int = 10, splits: tuple[str, ...] = ("test", "train"),
+                     train_max: int | None = 2000, progress: bool = True, report: bool = True,
+                     reuse: bool = True) -> dict[str, Any]:
+    import time
+
+    from unlearn_fast.evaluation.health import finite_verdict, forget_verdict, merge, retain_verdict
+    from unlearn_fast.evaluation.report import write_report
+    from unlearn_fast.evaluation.wf_eval import evaluate_wf
+    from unlearn_fast.methods.base import artefact_meta
+    from unlearn_fast.models.io import load_model
+    from unlearn_fast.nn import load_wf
+
+    dev = torch.device(device) if device is not None else default_device()
+    orig_meta = artefact_meta(run_dir / "original.safetensors")
+    wf_meta = artefact_meta(run_dir / "wf.safetensors")
+    if wf_meta.get("inputs", {}).get("original") not in (None, orig_meta.get("digest")):
+        raise ValueError(f"{run_dir / 'wf.safetensors'} was untrained from another original model than the one in "
+                         f"{run_dir}; run `unlearn-fast train --method wf --run-dir {run_dir}` again")
+    rdir = run_dir / "retrain"
+    rpaths = sorted(p for p in rdir.glob("c*.safetensors")) if rdir.exists() else []
+    settings = {"splits": list(splits), "train_max": train_max, "insertion_steps": insertion_steps,
+                "batch_size": batch_size, "seed": cfg.get("seed", 0)}
+    fp = fingerprint({"original": orig_meta.get("digest"), "wf": wf_meta.get("digest") or wf_meta.get("fingerprint"),
+                      "retrained": {p.stem: artefact_meta(p).get("digest") for p in rpaths}, "settings": settings})
+    mpath = run_dir / "metrics.json"
+    if reuse and mpath.exists():
+        try:
+            old = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        if old.get("fingerprint") == fp and "health" in old:
+            return old
+    original = load_model(run_dir / "original.safetensors", dev)
+    wf = load_wf(run_dir / "wf.safetensors", original, dev)
+    retrained = {int(p.stem[1:]): load_model(p, dev) for p in rpaths}
+    data, n_train = _capped_train(ctx.data, train_max if "train" in splits else None, cfg.get("seed", 0))
     t0 = time.perf_counter()
-    metrics = evaluate_wf(wf, original, ctx.data, device, retrained=retrained, batch_size=batch_size,
-                          splits=splits, insertion_steps=insertion_steps, seed=cfg.get("seed", 0), progress=progress)
-    _record_time(run_dir, "evaluate_s", time.perf_counter() - t0)
+    metrics = evaluate_wf(wf, original, data, dev, retrained=retrained, batch_size=batch_size, splits=splits,
+                          insertion_steps=insertion_steps, seed=cfg.get("seed", 0), progress=progress)
+    record_time(run_dir, "evaluate_s", time.perf_counter() - t0)
+    metrics["fingerprint"] = fp
+    metrics["evaluation"] = {**settings, "train_images": n_train if "train" in splits else 0}
     metrics["run"] = {"name": run_dir.name, "model": cfg["model"], "data": cfg["data"], "seed": cfg.get("seed", 0),
-                      "device": str(device), "torch": torch.__version__}
+                      "device": str(dev), "torch": torch.__version__}
     timing = run_dir / "timing.json"
     if timing.exists():
         metrics["timing"] = json.loads(timing.read_text())
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=True))
+    # -- health ------------------------------------------------------------------------------
+    t = metrics["splits"]["test"]
+    names = list(ctx.data.class_names)
+    k = ctx.data.num_classes
+    stages = stage_verdicts({**(orig_meta.get("stages") or {}), **(wf_meta.get("stages") or {})})
+    orig_acc = t["original"].get("acc")
+    from unlearn_fast.evaluation.health import original_verdict
+
+    per_class_r = [retain_verdict(r, o, k, f"gate row {names[c]}")
+                   for c, (r, o) in enumerate(zip(t["wf"]["acc_r"], t["original"]["acc_r"]))]
+    health = merge(original_verdict(orig_acc, k),
+                   *stages.values(),
+                   forget_verdict(t["wf"]["acc_f"], t["original"]["acc_f"], list(range(k)), names, "wf"),
+                   retain_verdict(metrics["summary"]["rows"]["wf"]["acc_r"], orig_acc, k, "wf mean"),
+                   *per_class_r,
+                   finite_verdict(metrics["summary"]["rows"]["wf"], "wf summary"))
+    if not wf_meta.get("stages"):
+        health = merge(health, {"status": "warn", "reasons": ["wf.safetensors has no training record (made by an older "
+                                                              "version?): its step count is unknown"], "notes": []})
+    health["stages"] = {name: {**(orig_meta.get("stages") or {}), **(wf_meta.get("stages") or {})}[name] | {"verdict": v}
+                        for name, v in stages.items()}
+    metrics["health"] = health
+    atomic_write_json(mpath, metrics)
     if report:
         write_report(run_dir, metrics)
     return metrics

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 import traceback
 import types
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ class CompareResult:
     run_dir: Path
     report: Path
     figures: dict[str, str]
+    health: dict[str, Any] | None = None
 
 
 def _plainify(v: Any) -> Any:
@@ -77,10 +77,6 @@ def _load_state(path: Path, forget: list[int]) -> dict[str, Any] | None:
         raise ValueError(f"{path.parent} holds a comparison for forget classes {old.get('forget')}, asked {forget}: "
                          "one run directory holds one forget request; use another run_dir")
     return old
-
-
-def _same_hparams(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
-    return a is None or json.loads(json.dumps(_plainify(a))) == json.loads(json.dumps(_plainify(b)))
 
 
 def _check_existing_model(path: Path, forget: list[int]) -> None:
@@ -148,32 +144,63 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     ``tsne_method``: the method shown beside Original and Retrained in the t-SNE figure (default: the
     best H-Mean). ``tsne_neighbors``: retain classes shown (EC Fig. 3: the 9 most similar).
     """
-    from unlearn_fast.api import _forget_classes, _record_time, prepare_run
-    from unlearn_fast.evaluation.compare_report import plot_cka_layers, plot_tsne, write_compare_report
-    from unlearn_fast.evaluation.unlearn_eval import evaluate_unlearned
+    from unlearn_fast.forget import precheck_forget_request
     from unlearn_fast.methods import create_method
-    from unlearn_fast.methods.retrain import retrain_together_path
     from unlearn_fast.methods.unlearning import UnlearningMethod
-    from unlearn_fast.models.io import load_model
+    from unlearn_fast.run_files import RunLock
+    from unlearn_fast.runs import open_run, plan_run
 
+    # -- validate every input before any training or write -----------------------------------
     methods = list(dict.fromkeys(m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()))
     if forget is None:
         raise ValueError("compare: pass forget= (a class list, '1,4', 'random:K' or 'similar:K:<dataset spec>')")
     if not methods:
         raise ValueError("compare: give at least one method (unlearn_fast.methods.list_methods())")
+    fixed = [m for m in methods if m in ("original", "retrain")]
+    if fixed:
+        raise ValueError(f"compare: {fixed} are always rows of the comparison (the reference models); remove them from "
+                         "methods (their recipe: original_hparams / --original-set)")
     hparams = dict(hparams or {})
     extra = set(hparams) - set(methods)
     if extra:
         raise ValueError(f"compare: hparams given for {sorted(extra)}, which are not in methods={methods}")
-    run_dir, device, cfg, ctx = prepare_run(model, data, run_dir, seed=seed, device=device, img_size=img_size,
-                                            in_chans=in_chans, progress=progress)
+    created = {}
+    for name in methods:
+        meth = create_method(name, **dict(hparams.get(name) or {}))
+        if not isinstance(meth, UnlearningMethod):
+            raise ValueError(f"compare: {name!r} is not a class-unlearning method; compare runs those (unlearn-fast list) "
+                             "- WF-Net over every class is `unlearn-fast train --method wf`")
+        created[name] = meth
+    if original_hparams is not None:
+        create_method("original", **original_hparams)
+    if retrain_hparams is not None:
+        create_method("retrain", **retrain_hparams)
+    plan = plan_run(model, data, run_dir, seed=seed, device=device, img_size=img_size, in_chans=in_chans,
+                    progress=progress)
+    run_dir, device, cfg, ctx = plan.run_dir, plan.device, plan.cfg, plan.ctx
     seed = cfg.get("seed", seed)
+    pre = precheck_forget_request(forget, ctx)
+    with RunLock(run_dir):
+        open_run(plan)
+        return _compare_locked(**locals())
 
-    if not (run_dir / "original.safetensors").exists():
-        t0 = time.perf_counter()
-        create_method("original", **(original_hparams or {})).run(ctx)
-        _record_time(run_dir, "original_s", time.perf_counter() - t0)
-    classes = _forget_classes(forget, ctx)
+
+def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg, ctx, seed, original_hparams,
+                    retrain_hparams, batch_size, progress, figures, tsne_method, tsne_neighbors, tsne_max_per_class,
+                    **_: Any) -> CompareResult:
+    from unlearn_fast.evaluation.compare_report import plot_cka_layers, plot_tsne, write_compare_report
+    from unlearn_fast.evaluation.health import merge
+    from unlearn_fast.evaluation.unlearn_eval import evaluate_unlearned
+    from unlearn_fast.forget import resolve_forget_request
+    from unlearn_fast.methods import create_method
+    from unlearn_fast.methods.base import artefact_meta
+    from unlearn_fast.methods.retrain import retrain_together_path
+    from unlearn_fast.models.io import load_model
+    from unlearn_fast.run_files import fingerprint
+    from unlearn_fast.runs import ensure_original, original_health, record_time, stage_verdicts
+
+    ensure_original(ctx, original_hparams)
+    classes = pre if pre is not None else resolve_forget_request(forget, ctx)
     ctx.forget = classes
     tag = "-".join(map(str, classes))
 
@@ -186,13 +213,19 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     rows: dict[str, Any] = state["rows"]
 
     rpath = retrain_together_path(run_dir, classes)
-    if not rpath.exists():
-        t0 = time.perf_counter()
-        create_method("retrain", together=True, **(retrain_hparams if retrain_hparams is not None else (original_hparams or {}))).run(ctx)
-        _record_time(run_dir, f"retrain_f{tag}_s", time.perf_counter() - t0)
+    rhp = retrain_hparams if retrain_hparams is not None else original_hparams
+    rout = create_method("retrain", together=True, **(rhp or {})).run(ctx)
+    if "skipped" not in rout.info:
+        for v in rout.info.values():
+            if isinstance(v, dict) and "seconds" in v:
+                record_time(run_dir, f"retrain_f{tag}_s", v["seconds"])
     original = load_model(run_dir / "original.safetensors", device)
     retrained = load_model(rpath, device)
+    orig_health, _ = original_health(ctx)
     timing_path = run_dir / "timing.json"
+    eval_settings = {"batch_size": batch_size, "seed": seed, "forget": classes,
+                     "original": artefact_meta(run_dir / "original.safetensors").get("digest"),
+                     "retrained": artefact_meta(rpath).get("digest")}
 
     def timing(key: str) -> float | None:
         t = json.loads(timing_path.read_text()) if timing_path.exists() else {}
@@ -203,57 +236,62 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
                                   batch_size=batch_size, seed=seed, progress=progress)
 
     changed = False
-    for name, m, tkey in (("original", original, "original_s"), ("retrain", retrained, f"retrain_f{tag}_s")):
-        if rows.get(name, {}).get("status") != "ok":
+    ref_stages = {"original": artefact_meta(run_dir / "original.safetensors").get("stages") or {},
+                  "retrain": artefact_meta(rpath).get("stages") or {}}
+    for name, m, tkey, path in (("original", original, "original_s", run_dir / "original.safetensors"),
+                                ("retrain", retrained, f"retrain_f{tag}_s", rpath)):
+        fp = fingerprint({"model": artefact_meta(path).get("digest"), **eval_settings})
+        if rows.get(name, {}).get("status") != "ok" or rows[name].get("fingerprint") != fp:
             changed = True
-            rows[name] = {"status": "ok", **evaluate(m), "time_s": timing(tkey)}
-            _write_json(metrics_path, state)
+            rows[name] = {"status": "ok", **evaluate(m), "time_s": timing(tkey), "fingerprint": fp}
+        v = merge(orig_health if name == "original" else None, *stage_verdicts(ref_stages[name]).values())
+        rows[name]["health"] = v
+        _write_json(metrics_path, state)
 
     for name in methods:
-        hp = dict(hparams.get(name) or {})
+        meth = created[name]
         prev = rows.get(name)
         try:
-            meth = create_method(name, **hp)
-            if not isinstance(meth, UnlearningMethod):
-                raise ValueError(f"{name!r} is not a class-unlearning method (an UnlearningMethod); compare runs those "
-                                 "- e.g. WF-Net is evaluated over every class by `unlearn-fast evaluate`")
             hp_now = {"preset": meth.preset, **meth.hparams()}
             out_path = run_dir / f"{name}.safetensors"
-            if prev and prev.get("status") == "ok":
-                if not _same_hparams(prev.get("hparams"), hp_now):
-                    raise ValueError(f"the hyper-parameters of {name!r} changed since its finished run in {run_dir} "
-                                     f"({prev.get('hparams')} -> {hp_now}); delete {out_path} and state/{name}.* to "
-                                     "run it again, or use another run_dir")
-                if out_path.exists():
-                    continue  # finished and evaluated: resume skips it
-            changed = True
             _check_existing_model(out_path, classes)
-            resumed = out_path.exists() or any(ctx.state_dir.glob(f"{name}.*.pt"))
+            resumed = any(ctx.state_dir.glob(f"{name}.*.pt"))
             shared_before = set(run_dir.glob("ec_modules*.safetensors"))
-            t0 = time.perf_counter()
             out = meth.run(ctx)
-            seconds = time.perf_counter() - t0
-            if "skipped" in out.info:
-                seconds = timing(f"{name}_s")
-            else:
-                _record_time(run_dir, f"{name}_s", seconds)
+            meta = artefact_meta(out_path)
+            fp = fingerprint({"model": meta.get("digest"), **eval_settings})
+            if prev and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
+                continue  # finished and evaluated with these settings: resume skips it
+            changed = True
+            stages = meta.get("stages") or {}
+            seconds = sum(float(s.get("seconds", 0.0)) for s in stages.values()) if stages else timing(f"{name}_s")
+            if "skipped" not in out.info and seconds is not None:
+                record_time(run_dir, f"{name}_s", seconds)
             row = evaluate(out.model)
             extra = {}
             if name == "ec" or name.endswith("+ec"):
                 # EC's SupCon pre-training of the modules runs once per run dir and is reused by every EC
                 # method: charge it to each of them, so the times compare like for like.
-                pre = _ec_pretrain_seconds(set(run_dir.glob("ec_modules*.safetensors")) - shared_before or shared_before)
-                if pre is not None:
-                    extra["ec_pretrain_s"] = pre
-                    if not (set(run_dir.glob("ec_modules*.safetensors")) - shared_before):
-                        seconds += pre  # reused: its pre-training is part of its cost too
-            rows[name] = {"status": "ok", **row, "time_s": seconds, "resumed": bool(resumed), "hparams": hp_now, **extra}
+                now = set(run_dir.glob("ec_modules*.safetensors"))
+                pre_s = _ec_pretrain_seconds(now - shared_before or shared_before)
+                if pre_s is not None:
+                    extra["ec_pretrain_s"] = pre_s
+                    if not (now - shared_before) and seconds is not None:
+                        seconds += pre_s  # reused: its pre-training is part of its cost too
+            rows[name] = {"status": "ok", **row, "time_s": seconds, "resumed": bool(resumed), "hparams": hp_now,
+                          "fingerprint": fp, "stages": stages, **extra}
+        except KeyboardInterrupt:
+            raise
         except Exception as exc:  # a failing method is reported; the others still run
             changed = True
             tb = traceback.format_exc().strip().splitlines()
             rows[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": tb[-12:],
-                          "hparams": hp}
+                          "hparams": {"preset": meth.preset, **meth.hparams()}}
         _write_json(metrics_path, state)
+    for name in methods:
+        rows[name]["health"] = _row_health(name, rows[name], rows["original"], ctx.data.num_classes, stage_verdicts)
+    state["health"] = _overall_health([rows[n]["health"] for n in ("original", "retrain", *methods)], rows, methods)
+    _write_json(metrics_path, state)
 
     ok = [n for n in methods if rows.get(n, {}).get("status") == "ok"]
     old_figs = dict(state.get("figures") or {})
@@ -286,7 +324,35 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     state["figures"] = figs
     _write_json(metrics_path, state)
     report = write_compare_report(run_dir, state, figs)
-    return CompareResult(json.loads(metrics_path.read_text()), run_dir, report, figs)
+    return CompareResult(json.loads(metrics_path.read_text()), run_dir, report, figs, state["health"])
+
+
+def _row_health(name: str, row: dict[str, Any], original: dict[str, Any], num_classes: int, stage_verdicts) -> dict:
+    """A method's verdict: it ran; its stages took steps; each forget class (per class when the row has
+    ``per_class`` test accuracies) left the original's accuracy; retained accuracy held; numbers finite."""
+    from unlearn_fast.evaluation.health import finite_verdict, forget_verdict, merge, retain_verdict
+
+    if row.get("status") != "ok":
+        return {"status": "fail", "reasons": [f"{name}: failed - {row.get('error')}"], "notes": []}
+    per = row.get("per_class") or {}
+    o_per = original.get("per_class") or {}
+    if per.get("TFA") and o_per.get("TFA"):
+        cls = sorted(int(c) for c in per["TFA"])
+        fv = forget_verdict([per["TFA"][str(c)] for c in cls], [o_per["TFA"].get(str(c)) for c in cls], cls,
+                            [str(c) for c in range(num_classes)], name)
+    else:
+        fv = forget_verdict([row["TFA"]], [original["TFA"]], [0], ["(forget classes together)"], name)
+    return merge(*stage_verdicts(row.get("stages") or {}).values(), fv,
+                 retain_verdict(row["TRA"], original["TRA"], num_classes, name),
+                 finite_verdict({k: row.get(k) for k in ("FA", "RA", "TFA", "TRA")}, name))
+
+
+def _overall_health(verdicts: list[dict], rows: dict[str, Any], methods: list[str]) -> dict:
+    from unlearn_fast.evaluation.health import merge
+
+    out = merge(*verdicts)
+    out["methods"] = {n: rows[n]["health"]["status"] for n in methods}
+    return out
 
 
 def _score(row: dict[str, Any]) -> float:

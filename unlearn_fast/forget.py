@@ -17,6 +17,7 @@ distinct class ids, at least one and at most ``num_classes - 1`` (a retain set m
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,7 +27,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from unlearn_fast.evaluation.unlearn_eval import penultimate_features
 
-__all__ = ["resolve_forget_request", "random_classes", "similar_classes", "class_mean_features",
+__all__ = ["resolve_forget_request", "precheck_forget_request", "random_classes", "similar_classes", "class_mean_features",
            "parse_class_list", "forget_tag"]
 
 _FORMS = "'3', '1,4,7', 'random:K' or 'similar:K:<dataset spec>'"
@@ -139,3 +140,21 @@ def resolve_forget_request(spec: str | Sequence[int] | int, ctx) -> list[int]:
     if ":" in s:
         raise ValueError(f"forget request {spec!r} is not understood; use {_FORMS}")
     return parse_class_list(s, n)
+
+
+def precheck_forget_request(spec: str | Sequence[int] | int, ctx) -> list[int] | None:
+    """Validate a request before any work: the classes for a list or ``random:K``; ``None`` for
+    ``similar:K:SPEC`` (it needs the original model) after checking K and that SPEC can be read."""
+    if isinstance(spec, str) and spec.strip().startswith("similar"):
+        from unlearn_fast.data.registry import parse_spec
+
+        s = spec.strip()
+        k_text, sep, data_spec = s.partition(":")[2].partition(":")
+        if not sep or not data_spec:
+            raise ValueError(f"forget request {spec!r}: use 'similar:K:<dataset spec>', e.g. 'similar:3:folder:/data/birds'")
+        _parse_k(k_text, s, ctx.data.num_classes)
+        kind, path = parse_spec(data_spec)
+        if path is not None and not os.path.exists(path):
+            raise ValueError(f"forget request {spec!r}: the downstream dataset directory {path} does not exist")
+        return None
+    return resolve_forget_request(spec, ctx)

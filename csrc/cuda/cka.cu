@@ -94,6 +94,8 @@ TORCH_LIBRARY_IMPL(unlearn_fast, CUDA, m) {
   m.impl("cka_accumulate", &cka_accumulate_aten);
   m.impl("cka_centered_sqnorm", &cka_centered_sqnorm_cuda);
   m.impl("hsic_minibatch_accumulate", &hsic_minibatch_accumulate_cuda);
+  m.impl("cka_accumulate_cross", &cka_accumulate_cross_aten);
+  m.impl("hsic_cross_accumulate", &hsic_cross_accumulate_aten);
 }
 
 }  // namespace unlearn_fast

@@ -40,6 +40,7 @@ class DataBundle:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     max_per_class: int | None = None
+    fraction: float | None = None
     resize_mode: str = "stretch"
     root: str | None = None
     native_size: tuple[int, int] | None = None
@@ -111,6 +112,7 @@ class DataBundle:
             "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction,
             "max_per_class": self.max_per_class,
+            "fraction": self.fraction,
             "source_sizes": dict(self.source_sizes),
             "split_sources": dict(self.split_sources),
             "split_indices": {k: np.asarray(v).astype(int).tolist() for k, v in self.split_indices.items()},

@@ -56,6 +56,12 @@ def _faces(path: str) -> RawSource:
     return read_faces(path)
 
 
+def _glyphs(arg: str | None) -> RawSource:
+    from unlearn_fast.data.glyphs import read_glyphs
+
+    return read_glyphs(arg)
+
+
 # name -> (reader, needs a directory, description)
 READERS: dict[str, tuple[Callable[[str | None], RawSource], bool, str]] = {
     "digits": (_digits, False, "scikit-learn's bundled 8x8 digits: 1,797 gray images, 10 classes (no files)"),
@@ -64,7 +70,10 @@ READERS: dict[str, tuple[Callable[[str | None], RawSource], bool, str]] = {
     "cifar100": (_cifar("cifar100"), True, "CIFAR-100 python pickles, fine labels (cifar-100-python)"),
     "folder": (_folder, True, "ImageFolder / ImageNet tree: DIR/train/<class>/*, DIR/val|test/<class>/* or DIR/<class>/*"),
     "faces": (_faces, True, "one folder per person (e.g. AT&T/ORL s1/1.pgm); identities are classes, gray"),
+    "glyphs": (_glyphs, False, "generated: characters rendered from the DejaVu fonts, glyphs[:N_CLASSES[:PER_CLASS]] (48 x 300 default, no files)"),
 }
+# kinds whose optional argument is not a directory (passed to the reader as given)
+ARG_KINDS = {"glyphs"}
 ALIASES = {"mnist": "idx", "imagefolder": "folder", "imagenet": "folder", "cifar-10": "cifar10", "cifar-100": "cifar100"}
 
 
@@ -87,6 +96,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     known = ", ".join(describe_datasets())
     if kind not in READERS:
         raise ValueError(f"unknown dataset spec {spec!r}; expected one of: {known}")
+    if kind in ARG_KINDS:
+        return kind, (path.strip() or None)
     needs = READERS[kind][1]
     if needs and not path:
         raise ValueError(f"dataset spec {spec!r} needs a directory: '{kind}:/path/to/data'")
@@ -96,10 +107,11 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _plan_splits(
-    src: RawSource, *, val_fraction: float, test_fraction: float, seed: int, max_per_class: int | None
+    src: RawSource, *, val_fraction: float, test_fraction: float, seed: int, max_per_class: int | None,
+    fraction: float | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Indices (into the source parts) of each split, and which part each split comes from."""
-    capped = {k: cap_per_class(p.labels, max_per_class, seed) for k, p in src.parts.items()}
+    capped = {k: cap_per_class(p.labels, max_per_class, seed, fraction) for k, p in src.parts.items()}
     if "all" in src.parts:
         lab = src.parts["all"].labels[capped["all"]]
         sp = stratified_split(lab, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
@@ -132,6 +144,7 @@ def load(
     test_fraction: float = 0.2,
     seed: int = 0,
     max_per_class: int | None = None,
+    fraction: float | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     resize: str | None = None,
@@ -150,6 +163,8 @@ def load(
             train/val/test keeps all three; otherwise both fractions split the whole set.
         seed: drives capping and splitting (per-class numpy generators).
         max_per_class: keep at most this many seeded-random samples per class in each source part.
+        fraction: keep this seeded-random fraction of each class in each source part (with max_per_class:
+            whichever keeps fewer).
         mean, std: per-channel normalisation; default: computed on the train split (all of it for
             in-memory sources, a seeded sample of ``STATS_MAX_FILES`` images for file trees).
         resize: ``"stretch"`` or ``"crop"`` (shorter side to ``img_size`` + centre crop); default
@@ -174,7 +189,8 @@ def load(
         raise ValueError("give both mean and std, or neither (then they are computed on the train split)")
 
     idx, sources = _plan_splits(
-        src, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, max_per_class=max_per_class
+        src, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, max_per_class=max_per_class,
+        fraction=fraction,
     )
     if idx["train"].size == 0:
         raise ValueError(f"{spec!r}: the train split is empty; check max_per_class / fractions")
@@ -219,6 +235,7 @@ def load(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         max_per_class=max_per_class,
+        fraction=fraction,
         resize_mode=mode,
         root=src.root,
         native_size=src.native_size,

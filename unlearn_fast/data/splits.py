@@ -26,20 +26,26 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
-def cap_per_class(labels: np.ndarray, max_per_class: int | None, seed: int) -> np.ndarray:
-    """Indices (sorted) keeping at most ``max_per_class`` seeded-random samples of each class."""
+def cap_per_class(labels: np.ndarray, max_per_class: int | None, seed: int, fraction: float | None = None) -> np.ndarray:
+    """Indices (sorted) keeping at most ``max_per_class`` seeded-random samples of each class, and at
+    most ``fraction`` of each class (rounded, at least 1)."""
     labels = _check_labels(labels)
-    if max_per_class is None:
+    if max_per_class is None and fraction is None:
         return np.arange(labels.size, dtype=np.int64)
-    if max_per_class < 1:
+    if max_per_class is not None and max_per_class < 1:
         raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class}")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"data fraction must be in (0, 1], got {fraction}")
     seed = _check_seed(seed)
     keep = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        if idx.size > max_per_class:
+        cap = idx.size if max_per_class is None else max_per_class
+        if fraction is not None:
+            cap = min(cap, max(1, int(round(idx.size * fraction))))
+        if idx.size > cap:
             rng = np.random.default_rng([seed, int(c), _SALT_CAP])
-            idx = rng.choice(idx, size=max_per_class, replace=False)
+            idx = rng.choice(idx, size=cap, replace=False)
         keep.append(idx)
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 

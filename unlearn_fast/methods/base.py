@@ -1,8 +1,7 @@
 """What every method receives (:class:`RunContext`) and the hyper-parameter plumbing."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import nn
 
 from unlearn_fast.data import DataBundle
 
-__all__ = ["RunContext", "Method", "MethodOutput"]
+__all__ = ["RunContext", "Method", "MethodOutput", "artefact_meta"]
 
 
 @dataclass
@@ -26,6 +25,8 @@ class RunContext:
     progress: bool = True
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     forget: list[int] | None = None       # the forget request's classes (unlearning methods)
+    notes: list[str] = field(default_factory=list)
+    _data_fp: str | None = field(default=None, repr=False)
 
     def new_model(self, seed: int | None = None) -> nn.Module:
         """A freshly initialised model; its init is a function of ``seed`` (default: the run's seed) and
@@ -51,6 +52,48 @@ class RunContext:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    # -- run-directory integrity (unlearn_fast.run_files) -----------------------------------
+    def fingerprint(self, kind: str, hparams: dict[str, Any], inputs: dict[str, Any] | None = None) -> str:
+        """What determines an artefact: data manifest, model, seed, its hyper-parameters and the
+        identities (content digests) of its inputs."""
+        from unlearn_fast.run_files import fingerprint
+
+        if self._data_fp is None:
+            self._data_fp = fingerprint(self.data.manifest())
+        return fingerprint({"kind": kind, "data": self._data_fp, "model": self.model_name,
+                            "model_kwargs": self.model_kwargs, "seed": self.seed, "hparams": hparams,
+                            "inputs": inputs or {}})
+
+    def current(self, path: Path, fp: str) -> bool:
+        """True when ``path`` exists and was made with fingerprint ``fp``; a stale file is announced
+        (it is replaced once the step has been computed again)."""
+        if not path.exists():
+            return False
+        meta = artefact_meta(path)
+        if meta.get("fingerprint") == fp:
+            return True
+        old = meta.get("hparams")
+        self.say(f"{path.relative_to(self.run_dir)} was made with other settings or inputs"
+                 + (f" (hyper-parameters then: {old})" if old else "") + "; computing it again")
+        return False
+
+    def say(self, msg: str) -> None:
+        """A one-line note for the user (stderr) and for the run's record."""
+        import sys
+
+        self.notes.append(msg)
+        print(f"unlearn_fast: {msg}", file=sys.stderr, flush=True)
+
+
+def artefact_meta(path: Path) -> dict[str, Any]:
+    """The unlearn_fast metadata stored in a ``.safetensors`` artefact ({} when unreadable)."""
+    from unlearn_fast.models.io import read_metadata
+
+    try:
+        return read_metadata(path)
+    except (OSError, ValueError):
+        return {}
+
 
 @dataclass
 class MethodOutput:
@@ -68,16 +111,20 @@ class Method:
     class Hparams:
         pass
 
+    # allowed values of string-valued hyper-parameters, e.g. {"optimizer": ("sgd", "adam")}
+    CHOICES: dict[str, tuple] = {}
+
     def __init__(self, **overrides: Any) -> None:
-        fields = {f.name for f in dataclasses.fields(self.Hparams)}
+        from unlearn_fast.methods.hparams import check_defaults, coerce_hparams
+
         preset = overrides.pop("preset", None)
+        if preset is not None and preset not in self.presets():
+            known = sorted(self.presets()) or "none"
+            raise ValueError(f"{self.name}: unknown preset {preset!r}; available: {known}")
         base = self.presets().get(preset, {}) if preset else {}
-        if preset and preset not in self.presets():
-            raise ValueError(f"{self.name}: unknown preset {preset!r}; available: {sorted(self.presets())}")
-        unknown = set(overrides) - fields
-        if unknown:
-            raise ValueError(f"{self.name}: unknown hyper-parameter(s) {sorted(unknown)}; known: {sorted(fields)}")
-        self.hp = self.Hparams(**{**base, **overrides})
+        values = coerce_hparams(self.name, self.Hparams, {**base, **overrides}, self.CHOICES)
+        self.hp = self.Hparams(**values)
+        check_defaults(self.name, self.hp, self.CHOICES)
         self.preset = preset
 
     @classmethod
@@ -85,7 +132,7 @@ class Method:
         return {}
 
     def hparams(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.hp)
+        return asdict(self.hp)
 
     def run(self, ctx: RunContext) -> MethodOutput:  # pragma: no cover - interface
         raise NotImplementedError

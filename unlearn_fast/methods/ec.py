@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unlearn_fast.methods.base import artefact_meta
 from unlearn_fast.methods.loop import LoopConfig, fit
 from unlearn_fast.methods.registry import register_method
 from unlearn_fast.methods.unlearning import PairedBatches, UnlearnContext, UnlearnHparams, UnlearningMethod, _cyc
@@ -218,7 +219,7 @@ def ec_modules_path(run_dir: Path, s: ECSettings) -> Path:
 
 
 def pretrain_ec_modules(original: nn.Module, data, s: ECSettings, *, state_path: Path, device: torch.device,
-                        seed: int = 0, progress: bool = False, amp: bool = True) -> ECModules:
+                        seed: int = 0, progress: bool = False, amp: bool = True, fingerprint: str | None = None) -> ECModules:
     """SupCon pre-training of fresh EC modules on ``data.train`` with ``original`` frozen (see module doc)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1009 + 2)
@@ -245,7 +246,7 @@ def pretrain_ec_modules(original: nn.Module, data, s: ECSettings, *, state_path:
     cfg = LoopConfig(batch_size=s.pretrain_batch_size, max_epochs=s.pretrain_epochs, max_steps=s.pretrain_max_steps,
                      patience=None, seed=seed, amp=amp, progress=progress, desc="ec_modules SupCon")
     fit(params_owner=modules, trainable=params, optimizer=opt, dataset=data.train, cfg=cfg, loss_fn=loss_fn,
-        val_fn=None, state_path=state_path, generators={"aug": gen}, device=device)
+        val_fn=None, state_path=state_path, generators={"aug": gen}, device=device, fingerprint=fingerprint)
     modules.eval()
     return modules
 
@@ -274,15 +275,16 @@ def prepare_ec_modules(u: UnlearnContext, model: nn.Module, s: ECSettings) -> EC
     if not s.use_modules:
         return build(model, 1, with_blocks=False, extra_points=s.extra_points)
     path = ec_modules_path(u.run.run_dir, s)
-    if path.exists():
+    orig_digest = artefact_meta(u.run.run_dir / "original.safetensors").get("digest")
+    if path.exists() and artefact_meta(path).get("original") == orig_digest:
         base = build(u.original, 2, with_blocks=True, extra_points=0)
         _load_modules(path, base)
-    else:
+    else:  # missing, or pre-trained on another original model (stale)
         t0 = time.perf_counter()
         base = pretrain_ec_modules(u.original, u.data, s, state_path=u.run.state_dir / f"{path.stem}.pretrain.pt",
-                                   device=u.device, seed=u.run.seed, progress=u.run.progress)
+                                   device=u.device, seed=u.run.seed, progress=u.run.progress, fingerprint=orig_digest)
         save_tensors(base.state_dict(), path, {"ec_modules": base.config, "pretrain": _pretrain_config(s),
-                                               "seconds": time.perf_counter() - t0})
+                                               "seconds": time.perf_counter() - t0, "original": orig_digest})
     if not s.extra_points:
         return base
     full = build(model, 3, with_blocks=True, extra_points=s.extra_points)

@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 from unlearn_fast.checkpoint import atomic_save, capture_rng, load_state, restore_rng
 from unlearn_fast.data import make_loader
 
-__all__ = ["LoopConfig", "LoopResult", "fit"]
+__all__ = ["LoopConfig", "LoopResult", "fit", "NonFiniteError", "LOG_HEADER"]
+
+LOG_HEADER = "stage,epoch,micro,step,val,loss,time_s"
+
+
+class NonFiniteError(ValueError):
+    """A loss, gradient or trainable weight became NaN/Inf: the stage stops and saves nothing."""
 
 
 @dataclass
@@ -39,6 +45,7 @@ class LoopConfig:
     eval_every: int | None = None         # evaluate every k optimizer steps (replaces evals_per_epoch)
     restore_best: bool = True             # end on the best-scoring state (False: the last state)
     patience: int | None = 5              # in evaluations; None disables early stopping
+    min_steps: int = 0                    # early stopping cannot fire before this many optimizer steps
     mode: str = "max"                     # "max" (val accuracy) or "min" (val loss)
     seed: int = 0
     drop_last: bool = False
@@ -79,13 +86,19 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
         state_path: str | Path, generators: dict[str, torch.Generator] | None = None,
         after_step: Callable[[], None] | None = None, device: torch.device | str = "cpu",
         log_path: str | Path | None = None, load_best: Callable[[dict[str, Tensor]], None] | None = None,
-        batches: Callable[[int, int], Any] | None = None, n_batches: int | None = None) -> LoopResult:
+        batches: Callable[[int, int], Any] | None = None, n_batches: int | None = None,
+        fingerprint: str | None = None) -> LoopResult:
     """Run the loop; resumes from ``state_path`` if it exists. ``params_owner`` gives the state dict
     that is checkpointed and kept as "best" (a module, modules, or a callable returning tensors).
 
     Data: either ``dataset`` (shuffled per epoch by :func:`make_loader`), or ``batches(epoch, start)``
     returning that epoch's micro-batches from index ``start`` on (deterministic in (epoch, start)),
-    with ``n_batches`` per epoch - e.g. paired forget/retain batches."""
+    with ``n_batches`` per epoch - e.g. paired forget/retain batches.
+
+    ``fingerprint`` identifies the settings of this stage: a checkpoint made under another fingerprint
+    is stale and ignored (the stage starts over). Evaluation points only run after an optimizer step
+    (never on an unchanged state), early stopping waits for ``cfg.min_steps`` optimizer steps, and a
+    non-finite loss, gradient or weight raises :class:`NonFiniteError` at once."""
     generators = dict(generators or {})
     trainable = list(trainable)
     state_path = Path(state_path)
@@ -114,9 +127,11 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
     eval_points = sorted({max(1, round(n_micro * (k + 1) / cfg.evals_per_epoch)) for k in range(cfg.evals_per_epoch)})
     sign = 1.0 if cfg.mode == "max" else -1.0
 
-    st = {"epoch": 0, "micro": 0, "accum": 0, "steps": 0, "best": -math.inf, "bad": 0,
+    st = {"epoch": 0, "micro": 0, "accum": 0, "steps": 0, "best": -math.inf, "bad": 0, "last_eval_step": -1,
           "best_state": None, "history": [], "done": False, "stopped_early": False, "seconds": 0.0}
     ck = load_state(state_path)
+    if ck is not None and fingerprint is not None and ck.get("fingerprint") != fingerprint:
+        ck = None  # made under other settings: start this stage over (the file is replaced at the next save)
     if ck is not None:
         restore(ck["owner"])  # buffers too (BatchNorm running statistics)
         with torch.no_grad():
@@ -126,6 +141,7 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
         optimizer.load_state_dict(ck["optimizer"])
         restore_rng(ck["rng"], generators)
         st = ck["loop"]
+        st.setdefault("last_eval_step", -1)
         if st["done"]:
             restore(st["best_state"])
             return LoopResult(sign * st["best"], st["best_state"], st["steps"], st["epoch"], st["stopped_early"],
@@ -134,7 +150,8 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
     def save() -> None:
         atomic_save({"owner": snapshot(), "trainable": [p.detach().cpu() for p in trainable],
                      "grads": [None if p.grad is None else p.grad.detach().cpu() for p in trainable],
-                     "optimizer": optimizer.state_dict(), "rng": capture_rng(generators), "loop": st}, state_path)
+                     "optimizer": optimizer.state_dict(), "rng": capture_rng(generators), "loop": st,
+                     "fingerprint": fingerprint}, state_path)
 
     interrupted = {"flag": False}
 
@@ -145,9 +162,10 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
     t_start = time.perf_counter() - st["seconds"]
     last_ckpt = time.perf_counter()
     total_micro = cfg.max_epochs * n_micro
+    lines = cfg.progress and not _is_tty()  # no terminal: one line per evaluation instead of a bar
     bar = tqdm(total=total_micro, initial=st["epoch"] * n_micro + st["micro"], desc=cfg.desc,
-               disable=not cfg.progress, leave=False, dynamic_ncols=True)
-    log_f = open(log_path, "a") if log_path else None
+               disable=not cfg.progress or lines, leave=False, dynamic_ncols=True)
+    log_f = _open_log(log_path) if log_path else None
     try:
         while not st["done"] and st["epoch"] < cfg.max_epochs:
             if batches is not None:
@@ -165,27 +183,34 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
                 bar.update(1)
                 stepped = st["accum"] == cfg.grad_accum
                 if stepped:
+                    _check_finite(cfg.desc, loss, trainable, "loss or gradient", st)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     st["accum"] = 0
                     st["steps"] += 1
                     if after_step is not None:
                         after_step()
+                    _check_finite(cfg.desc, None, trainable, "trainable weights", st)
                     bar.set_postfix(loss=f"{loss.item():.4g}", step=st["steps"])
                 at_eval = (stepped and st["steps"] % cfg.eval_every == 0) if cfg.eval_every else st["micro"] in eval_points
+                at_eval = at_eval and st["steps"] > st.get("last_eval_step", -1)  # nothing changed since the last one
                 if at_eval and val_fn is not None:
+                    st["last_eval_step"] = st["steps"]
                     score = float(val_fn())
                     rec = {"epoch": st["epoch"], "micro": st["micro"], "step": st["steps"], "val": score,
                            "loss": float(loss.item()), "time_s": time.perf_counter() - t_start}
                     st["history"].append(rec)
                     if log_f:
-                        log_f.write(",".join(f"{rec[k]}" for k in ("epoch", "micro", "step", "val", "loss", "time_s")) + "\n")
+                        log_f.write(",".join([cfg.desc.replace(",", " ")] + [f"{rec[k]}" for k in LOG_HEADER.split(",")[1:]]) + "\n")
                         log_f.flush()
+                    if lines:
+                        print(f"{cfg.desc}: epoch {rec['epoch']} step {rec['step']} val {score:.4g} loss {rec['loss']:.4g} "
+                              f"({rec['time_s']:.0f} s)", flush=True)
                     if sign * score > st["best"]:
                         st["best"], st["bad"], st["best_state"] = sign * score, 0, snapshot()
                     else:
                         st["bad"] += 1
-                    if cfg.patience is not None and st["bad"] >= cfg.patience:
+                    if cfg.patience is not None and st["bad"] >= cfg.patience and st["steps"] >= cfg.min_steps:
                         st["done"] = st["stopped_early"] = True
                 if cfg.max_steps is not None and st["steps"] >= cfg.max_steps:
                     st["done"] = True
@@ -217,6 +242,36 @@ def fit(*, params_owner: nn.Module | Sequence[nn.Module] | Callable[[], dict[str
             signal.signal(signal.SIGTERM, old_term)
     return LoopResult(sign * st["best"], st["best_state"], st["steps"], st["epoch"], st["stopped_early"],
                       st["history"], st["seconds"])
+
+
+def _check_finite(desc: str, loss: Tensor | None, trainable: Sequence[Tensor], what: str, st: dict) -> None:
+    """One host sync per check: the loss, the accumulated gradients (``loss`` given) or the weights."""
+    if loss is not None:
+        vals = [loss.detach().float().reshape(1)] + [p.grad.detach().float().abs().amax().reshape(1)
+                                                     for p in trainable if p.grad is not None]
+    else:
+        vals = [p.detach().float().abs().amax().reshape(1) for p in trainable if p.numel()]
+    if vals and not bool(torch.isfinite(torch.cat([v.to(vals[0].device) for v in vals])).all()):
+        raise NonFiniteError(f"{desc}: the {what} became NaN/Inf at optimizer step {st['steps'] + (loss is not None)} "
+                             f"(epoch {st['epoch']}); the run is stopped and nothing was saved as a result - lower the "
+                             "learning rate (lr) or check the data for NaN/Inf")
+
+
+def _open_log(path: str | Path):
+    """``log.csv`` in append mode, with the header written when the file is new or empty."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    f = open(path, "a")
+    if new:
+        f.write(LOG_HEADER + "\n")
+        f.flush()
+    return f
+
+
+def _is_tty() -> bool:
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def _is_main_thread() -> bool:

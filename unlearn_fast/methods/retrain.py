@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from unlearn_fast.methods.base import Method, MethodOutput, RunContext
 from unlearn_fast.methods.registry import register_method
-from unlearn_fast.methods.supervised import ClassifierRecipe, train_classifier
+from unlearn_fast.methods.original import stage_record
+from unlearn_fast.methods.supervised import PAPER_RECIPE, ClassifierRecipe, train_classifier
 from unlearn_fast.models.io import load_model, save_model
 
 __all__ = ["Retrain", "retrain_path", "retrain_together_path"]
@@ -52,21 +53,30 @@ class Retrain(Method):
         classes: list[int] | None = None
         together: bool = False
 
+    @classmethod
+    def presets(cls):
+        return {"paper": dict(PAPER_RECIPE)}
+
     def _recipe(self) -> ClassifierRecipe:
         return ClassifierRecipe(**{k: v for k, v in self.hparams().items() if k not in ("classes", "together")})
 
     def _train_without(self, ctx: RunContext, exclude: list[int], path: Path, seed: int, tag: str) -> tuple:
-        if path.exists():
+        hp = {"preset": self.preset, **self._recipe().__dict__}
+        fp = ctx.fingerprint("retrain", hp, {"exclude": exclude})
+        if ctx.current(path, fp):
             return load_model(path, ctx.device), None
         ctx.seed_method(f"retrain_{tag}")
         model = ctx.new_model(seed)  # its own init: retrained from scratch, not from the original's init
-        res = train_classifier(model, ctx.model_name, ctx.data.subset("train", exclude=exclude),
-                               ctx.data.subset("val", exclude=exclude), self._recipe(), hflip_default=ctx.data.hflip,
-                               device=ctx.device, seed=seed, state_path=ctx.state_dir / f"retrain_{tag}.pt",
-                               desc=f"retrain {tag}", progress=ctx.progress)
+        res, sched = train_classifier(model, ctx.model_name, ctx.data.subset("train", exclude=exclude),
+                                      ctx.data.subset("val", exclude=exclude), self._recipe(),
+                                      hflip_default=ctx.data.hflip, device=ctx.device, seed=seed,
+                                      state_path=ctx.state_dir / f"retrain_{tag}.pt", desc=f"retrain {tag}",
+                                      progress=ctx.progress, log_path=ctx.run_dir / "log.csv", fingerprint=fp)
         meta = {"forgotten_class": exclude[0]} if len(exclude) == 1 else {"forgotten_classes": exclude}
-        save_model(model, path, **meta, best_val_acc=res.best_score, seconds=res.seconds)
-        return model, {"val_acc": res.best_score, "seconds": res.seconds}
+        stage = stage_record(res, sched)
+        save_model(model, path, **meta, best_val_acc=res.best_score, seconds=res.seconds, fingerprint=fp,
+                   hparams=hp, stages={f"retrain {tag}": stage})
+        return model, {"val_acc": res.best_score, "seconds": res.seconds, "stages": {f"retrain {tag}": stage}}
 
     def run(self, ctx: RunContext) -> MethodOutput:
         if self.hp.together:

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from unlearn_fast.evaluation.accuracy import predict_logits
 from unlearn_fast.evaluation.unlearn_eval import h_mean as hmean  # noqa: F401  (re-exported)
-from unlearn_fast.methods.base import Method, MethodOutput, RunContext
+from unlearn_fast.methods.base import Method, MethodOutput, RunContext, artefact_meta
 from unlearn_fast.methods.loop import LoopConfig, LoopResult, fit
+from unlearn_fast.methods.schedule import fit_schedule
 from unlearn_fast.models.io import load_model, save_model
 
 __all__ = ["UnlearnHparams", "UnlearnContext", "UnlearningMethod", "PairedBatches", "hmean", "make_optimizer", "SELECT_BY"]
@@ -46,6 +47,8 @@ class UnlearnHparams:
     max_steps: int | None = None
     amp: bool = True                       # bf16 autocast on CUDA
     select_by: str = "hmean"               # validation score for the best state / early stopping: see SELECT_BY
+    fit_to_data: bool = True               # raise an epoch-defined stage to min_steps optimizer steps on small sets
+    min_steps: int = 100                   # floor of optimizer steps per stage (epochs raised; early stop waits)
 
 
 # Validation scores (all in [0, 1], higher is better) for ``UnlearnHparams.select_by``; FA / RA are the
@@ -168,6 +171,8 @@ class UnlearningMethod(Method):
     class Hparams(UnlearnHparams):
         pass
 
+    CHOICES = {"optimizer": ("sgd", "adam", "adamw"), "select_by": tuple(SELECT_BY)}
+
     # -- to implement ----------------------------------------------------------------------
     def unlearn(self, u: UnlearnContext) -> nn.Module:  # pragma: no cover - interface
         raise NotImplementedError
@@ -217,7 +222,8 @@ class UnlearningMethod(Method):
               owner: nn.Module | Sequence[nn.Module] | None = None, select_best: bool | None = None,
               after_step: Callable[[], None] | None = None, generators: dict[str, torch.Generator] | None = None,
               evaluate_model: nn.Module | None = None,
-              batches: Callable[[int, int], Iterator[dict]] | None = None, n_batches: int | None = None) -> LoopResult:
+              batches: Callable[[int, int], Iterator[dict]] | None = None, n_batches: int | None = None,
+              min_steps: int | None = None) -> LoopResult:
         """One resumable training stage over paired batches ``{"forget": (x, y) | None, "retain": (x, y) | None}``.
 
         ``loss_fn(batch, info)`` returns the loss of one step. Evaluation during unlearning runs
@@ -225,6 +231,8 @@ class UnlearningMethod(Method):
         H-Mean is restored at the end (EC-style model selection; off = keep the last state).
         ``batches(epoch, start)`` with ``n_batches`` per epoch replaces the paired batches by another
         deterministic batch order (e.g. SalUn's sequential forget-pass-then-retain-pass epochs).
+        ``min_steps`` overrides the floor of optimizer steps (``hp.min_steps``; 0 for a stage that is one
+        part of an alternating schedule, e.g. SCRUB's max/min epochs).
         """
         hp = self.hp
         params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
@@ -250,16 +258,24 @@ class UnlearningMethod(Method):
             return loss_fn(batch, info)
 
         evaluate = sel or hp.patience is not None  # early stopping alone also needs the score
-        cfg = LoopConfig(batch_size=bs, max_epochs=epochs if epochs is not None else hp.epochs, max_steps=hp.max_steps,
+        sched = fit_schedule(f"{self.name} {name}", n_batches, batch_size=1, epochs=epochs if epochs is not None else hp.epochs,
+                             min_steps=hp.min_steps if min_steps is None else min_steps, adapt=hp.fit_to_data,
+                             min_steps_per_epoch=1)
+        cfg = LoopConfig(batch_size=bs, max_epochs=sched.epochs, max_steps=hp.max_steps,
                          evals_per_epoch=hp.evals_per_epoch, eval_every=hp.eval_every, patience=hp.patience,
-                         restore_best=sel, mode="max", seed=u.run.seed, amp=hp.amp, progress=u.run.progress,
-                         desc=f"{self.name} {name}")
+                         min_steps=sched.min_steps, restore_best=sel, mode="max", seed=u.run.seed, amp=hp.amp,
+                         progress=u.run.progress, desc=f"{self.name} {name}")
         if owner is not None and not isinstance(owner, nn.Module):
             owner = nn.ModuleList(list(owner))
         res = fit(params_owner=owner if owner is not None else model, trainable=params, optimizer=opt, dataset=None,
                   cfg=cfg, loss_fn=step, val_fn=val if evaluate else None, state_path=u.state_path(name),
-                  generators=generators, after_step=after_step, device=u.device, batches=batches, n_batches=n_batches)
+                  generators=generators, after_step=after_step, device=u.device, batches=batches, n_batches=n_batches,
+                  fingerprint=f"{getattr(self, '_fingerprint', None)}:{name}", log_path=u.run.run_dir / "log.csv")
         model.eval()
+        rec = {"steps": int(res.steps), "epochs": float(res.epochs), "min_steps": int(sched.min_steps),
+               "max_steps": hp.max_steps, "stopped_early": bool(res.stopped_early), "seconds": float(res.seconds),
+               "notes": [n.replace(f"{self.name} {name}: ", "") for n in sched.notes]}
+        self.__dict__.setdefault("_stages", {})[name] = rec
         return res
 
     def run(self, ctx: RunContext) -> MethodOutput:
@@ -269,15 +285,22 @@ class UnlearningMethod(Method):
             raise ValueError(f"{self.name}: select_by must be one of {sorted(SELECT_BY)}, got {self.hp.select_by!r}")
         out = ctx.run_dir / f"{self.name}.safetensors"
         orig_path = ctx.run_dir / "original.safetensors"
-        if out.exists():
-            return MethodOutput(load_model(out, ctx.device), {self.name: out}, {"skipped": "exists"})
         if not orig_path.exists():
             raise FileNotFoundError(f"{orig_path} is missing: train the original model first (method='original')")
+        hp_rec = {"preset": self.preset, **self.hparams()}
+        inputs = {"original": artefact_meta(orig_path).get("digest"), "forget": sorted(int(c) for c in ctx.forget)}
+        self._fingerprint = ctx.fingerprint(self.name, hp_rec, inputs)
+        self._stages: dict[str, dict] = {}
+        if ctx.current(out, self._fingerprint):
+            meta = artefact_meta(out)
+            return MethodOutput(load_model(out, ctx.device), {self.name: out},
+                                {"skipped": "exists", "stages": meta.get("stages", {})})
         ctx.seed_method(self.name)
         original = load_model(orig_path, ctx.device)
         for p in original.parameters():
             p.requires_grad_(False)
         u = UnlearnContext(ctx, original, sorted(int(c) for c in ctx.forget), self.name)
         model = self.unlearn(u)
-        save_model(model, out, method=self.name, forget=u.forget_classes, preset=self.preset or "default")
-        return MethodOutput(model, {self.name: out}, {"forget": u.forget_classes})
+        save_model(model, out, method=self.name, forget=u.forget_classes, preset=self.preset or "default",
+                   fingerprint=self._fingerprint, hparams=hp_rec, inputs=inputs, stages=self._stages)
+        return MethodOutput(model, {self.name: out}, {"forget": u.forget_classes, "stages": dict(self._stages)})

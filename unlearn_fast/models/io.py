@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["save_model", "load_model", "save_tensors", "load_tensors"]
+__all__ = ["save_model", "load_model", "save_tensors", "load_tensors", "read_metadata"]
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -20,6 +20,17 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
     meta = {"unlearn_fast": json.dumps(metadata or {})}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The unlearn_fast metadata of a safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("unlearn_fast", "{}"))
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}); delete it to compute it again") from exc
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -42,7 +53,10 @@ def save_model(model: nn.Module, path: str | os.PathLike, **extra) -> None:
     config = getattr(model, "unlearn_fast_config", None)
     if config is None:
         raise ValueError("save_model(): the model was not made by unlearn_fast.models.create (no unlearn_fast_config)")
-    save_tensors(model.state_dict(), path, {"config": config, **extra})
+    from unlearn_fast.run_files import tensors_digest
+
+    sd = model.state_dict()
+    save_tensors(sd, path, {"config": config, "digest": tensors_digest(sd), **extra})
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -12,7 +12,11 @@ __all__ = ["save_wf", "load_wf"]
 
 
 def save_wf(wf: WFModel, path: str | os.PathLike, **extra) -> None:
-    save_tensors(wf.alpha_state_dict(), path, {"num_classes": wf.num_classes, "alpha_init": wf.alpha_init, **extra})
+    from unlearn_fast.run_files import tensors_digest
+
+    sd = wf.alpha_state_dict()
+    save_tensors(sd, path, {"num_classes": wf.num_classes, "alpha_init": wf.alpha_init, "digest": tensors_digest(sd),
+                            **extra})
 
 
 def load_wf(path: str | os.PathLike, original: str | os.PathLike | torch.nn.Module,

@@ -29,29 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unlearn_fast.data.augment import random_view
 from unlearn_fast.methods.baselines.duck import features_and_logits, head_module
 from unlearn_fast.methods.registry import register_method
 from unlearn_fast.methods.unlearning import UnlearnContext, UnlearnHparams, UnlearningMethod, make_optimizer
 from unlearn_fast.ops.supcon import supcon_loss
 
 __all__ = ["Cola", "random_view"]
-
-
-def random_view(x: Tensor, gen: torch.Generator, shift: float, hflip: bool) -> Tensor:
-    """One augmented view of ``x [B, C, H, W]``: per-sample integer translation by up to ``shift * H``
-    (resp. W) pixels with zero fill, and a horizontal flip with probability 1/2 when ``hflip``."""
-    b, _, h, w = x.shape
-    mh, mw = int(round(shift * h)), int(round(shift * w))
-    dy = torch.randint(-mh, mh + 1, (b,), generator=gen)
-    dx = torch.randint(-mw, mw + 1, (b,), generator=gen)
-    flip = (torch.rand(b, generator=gen) < 0.5) if hflip else torch.zeros(b, dtype=torch.bool)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = torch.where(flip, -1.0, 1.0)
-    theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = -2.0 * dx / w
-    theta[:, 1, 2] = -2.0 * dy / h
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 @register_method("cola")

@@ -97,9 +97,9 @@ class Scrub(UnlearningMethod):
                 g["lr"] = lr
             if e <= hp.msteps:
                 self.stage(u, f"max{e}", model, max_loss, optimizer=opt, epochs=1, drive="forget", retain=None,
-                           select_best=False)
+                           select_best=False, min_steps=0)
             self.stage(u, f"min{e}", model, min_loss, optimizer=opt, epochs=1, drive="retain", forget=None,
-                       select_best=False)
+                       select_best=False, min_steps=0)
             if hp.select_best:
                 score = self.validation_score(u, model)
                 if score > best:
