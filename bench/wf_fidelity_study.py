@@ -9,7 +9,7 @@ For each data set: train the original small_cnn once (capped epochs), then run W
     OMP_NUM_THREADS=1 python bench/wf_fidelity_study.py --data glyphs48 --levers all
 
 Data sets: ``mnist5k`` = ``idx:/work/shared/data/mnist5k`` (real MNIST, 10 classes; override the path with
-``--mnist DIR``) at 16 px; ``glyphs48`` = ``glyphs:48:200`` at 16 px (generated, 48 classes).
+``--mnist DIR``) at 16 px; ``glyphs48`` = ``glyphs:48:100`` at 16 px (generated, 48 classes).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DATASETS = {
     "mnist5k": {"spec": "idx:{mnist}", "img_size": 16, "orig_epochs": 15},
-    "glyphs48": {"spec": "glyphs:48:200", "img_size": 16, "orig_epochs": 20},
+    "glyphs48": {"spec": "glyphs:48:100", "img_size": 16, "orig_epochs": 20},
     "glyphs12": {"spec": "glyphs:12:100", "img_size": 16, "orig_epochs": 20},
 }
 
@@ -51,6 +51,8 @@ LEVERS: dict[str, dict] = {
     "skip_first": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_layers": "skip_first"},
     "no_bias_gate": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_bias": False},
     "polish": {**PAPER, "forget_stop": 1.0, "select": "hmean", "polish_steps": 40, "polish_lr": 0.05},
+    "combo": {**PAPER, "forget_stop": 1.0, "select": "hmean", "forget_frac": 0.25, "polish_steps": 40,
+              "polish_lr": 0.05},
     "default": {},                                                         # the WF defaults as they stand
 }
 
@@ -79,7 +81,7 @@ def run(data_name: str, levers: list[str], out_dir: Path, mnist: str, width: int
     spec = d["spec"].format(mnist=mnist)
     data = load(spec, img_size=d["img_size"], seed=0)
     tag = data_name + (f"_w{width}" if width else "")
-    base = out_dir / "runs" / tag
+    base = ROOT / "runs" / "wf_fidelity" / tag  # run directories (git-ignored); results go to out_dir
     base.mkdir(parents=True, exist_ok=True)
     kw = {"width": width} if width else {}
     ctx = RunContext(data=data, model_name="small_cnn", run_dir=base, device=torch.device("cpu"), seed=0,

@@ -1,9 +1,14 @@
 """``unlearn-fast``: demo | train | evaluate | report | compare | list.
 
 Every subcommand takes ``--config FILE.yaml`` whose keys are the long option names (``run_dir``,
-``model``, ``data``, ``method``, ``seed``, ...) plus an ``hparams:`` mapping; flags given on the
-command line win over the file. ``--set key=value`` (repeatable) overrides one method hyper-parameter
-(values parsed as YAML: ``--set lr=0.05 --set lambdas=[1,10,1]``).
+``model``, ``data``, ``method``, ``seed``, ...) plus an ``hparams:`` mapping (and ``original_hparams:``);
+flags given on the command line win over the file; unknown keys are an error. ``--set key=value``
+(repeatable) overrides one method hyper-parameter (values parsed as YAML: ``--set lr=0.05 --set
+lambdas=[1,10,1]``), ``--original-set`` one of the original model's recipe.
+
+Exit codes: 0 ok (warnings are printed), 1 a stage or method failed its health check (see the
+verdict printed and metrics.json), 2 bad input or environment (one line on stderr, nothing written),
+130 interrupted (progress is checkpointed).
 """
 from __future__ import annotations
 
@@ -29,34 +34,51 @@ DEMO = {
     "hparams": {"batch_size": 128, "grad_accum": 1, "max_epochs": 40, "lambdas": [1, 3, 1]},
 }
 
+EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPT = 1, 2, 130
 
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+
+class InputError(ValueError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+def _parse_set(items: Sequence[str] | None, flag: str = "--set") -> dict[str, Any]:
     out = {}
     for it in items or []:
         if "=" not in it:
-            raise SystemExit(f"--set expects key=value, got {it!r}")
+            raise InputError(f"{flag} expects key=value, got {it!r}")
         k, v = it.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise InputError(f"{flag} {it!r}: the value is not valid YAML (quote strings, e.g. key='a b')") from None
     return out
 
 
-def _load_config(path: str | None) -> dict[str, Any]:
+def _load_config(path: str | None, known: Sequence[str]) -> dict[str, Any]:
     if not path:
         return {}
     p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"config file {p} does not exist")
+    if not p.is_file():
+        raise InputError(f"config file {p} does not exist" if not p.exists() else f"config file {p} is not a file")
     try:
         cfg = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"config file {p} is not valid YAML: {exc}")
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        raise InputError(f"config file {p} is not valid YAML" + (f" (line {where.line + 1})" if where else "")) from None
     if not isinstance(cfg, dict):
-        raise SystemExit(f"config file {p} must hold a mapping of option: value")
+        raise InputError(f"config file {p} must hold a mapping of option: value, got a {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise InputError(f"config file {p}: unknown key(s) {unknown}; known: {sorted(known)}")
+    for k in ("hparams", "original_hparams"):
+        if cfg.get(k) is not None and not isinstance(cfg[k], dict):
+            raise InputError(f"config file {p}: {k} must be a mapping (key: value), got a {type(cfg[k]).__name__}")
     return cfg
 
 
 def _merged(args: argparse.Namespace, keys: Sequence[str], base: dict[str, Any] | None = None) -> dict[str, Any]:
-    cfg = {**(base or {}), **_load_config(getattr(args, "config", None))}
+    known = [*keys, "hparams", "original_hparams"]
+    cfg = {**(base or {}), **_load_config(getattr(args, "config", None), known)}
     for k in keys:
         v = getattr(args, k, None)
         if v is not None:
@@ -64,6 +86,10 @@ def _merged(args: argparse.Namespace, keys: Sequence[str], base: dict[str, Any] 
     hp = dict(cfg.get("hparams") or {})
     hp.update(_parse_set(getattr(args, "set", None)))
     cfg["hparams"] = hp
+    if "original_hparams" in cfg or getattr(args, "original_set", None):
+        orig = dict(cfg.get("original_hparams") or {})
+        orig.update(_parse_set(getattr(args, "original_set", None), "--original-set"))
+        cfg["original_hparams"] = orig
     return cfg
 
 
@@ -71,18 +97,42 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with any of these options (flags win)")
     p.add_argument("--run-dir", dest="run_dir", help="run directory (created; re-running resumes)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--threads", type=int, help="torch CPU threads (demo default: 1 - the small CNN's ops are too small to split)")
 
 
-def _train_opts(p: argparse.ArgumentParser) -> None:
+def _data_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="backbone name (unlearn-fast list)")
     p.add_argument("--data", help="dataset spec: digits | idx:DIR | cifar10:DIR | cifar100:DIR | folder:DIR | faces:DIR")
     p.add_argument("--seed", type=int)
     p.add_argument("--img-size", dest="img_size", type=int, help="input size in px (default 32; the small CNN keeps the data's size)")
     p.add_argument("--in-chans", dest="in_chans", type=int, help="input channels (default: the data's)")
-    p.add_argument("--retrain", action="store_true", default=None, help="also train the per-class retrained models (needed for Act-Dist / JS-Div)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method hyper-parameter (repeatable)")
+    p.add_argument("--max-per-class", dest="max_per_class", type=int, help="keep at most N images per class (seeded)")
+    p.add_argument("--data-fraction", dest="data_fraction", type=float, help="keep this fraction of each class (seeded)")
+    p.add_argument("--original-set", dest="original_set", action="append", metavar="KEY=VALUE",
+                   help="override the original / retrained models' recipe (e.g. max_epochs=20; unlearn-fast list original)")
+
+
+def _eval_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-splits", dest="eval_splits", help="splits WF is evaluated on: test[,train][,val] (default test,train)")
+    p.add_argument("--eval-train-max", dest="eval_train_max", type=int,
+                   help="train images evaluated under every gate row (stratified; default 2000, 0 = all)")
+
+
+def _splits(v: Any) -> tuple[str, ...] | None:
+    if v is None:
+        return None
+    return tuple(t.strip() for t in (v.split(",") if isinstance(v, str) else v) if t.strip())
+
+
+def _print_health(health: dict[str, Any] | None) -> None:
+    if not health:
+        return
+    print(f"\nverdict: {health['status'].upper()}")
+    for r in health.get("reasons", []):
+        print(f"  - {r}")
+    for n in health.get("notes", []):
+        print(f"  note: {n}")
 
 
 def _print_summary(metrics: dict[str, Any]) -> None:
@@ -95,56 +145,94 @@ def _print_summary(metrics: dict[str, Any]) -> None:
     for c, n in enumerate(names):
         print(f"  {n:>12}  {t['wf']['acc_f'][c]:6.1f}  {t['wf']['acc_r'][c]:6.1f}")
     print(f"original model test accuracy: {t['original']['acc']:.1f}%")
+    for name, st in (metrics.get("health", {}).get("stages") or {}).items():
+        print(f"stage {name}: {st.get('steps')} optimizer steps, {st.get('epochs')} epochs, {st.get('seconds', 0):.1f} s"
+              + (", early-stopped" if st.get("stopped_early") else ""))
 
 
 def _set_threads(n: int | None) -> None:
-    if n:
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"--threads must be an integer >= 1, got {n!r}")
         import torch
 
         torch.set_num_threads(n)
 
 
+def _status_code(health: dict[str, Any] | None) -> int:
+    return EXIT_FAIL if health and health.get("status") == "fail" else 0
+
+
+def _train_kwargs(cfg: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    kw = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    if "eval_splits" in kw:
+        kw["eval_splits"] = _splits(kw["eval_splits"])
+    return kw
+
+
+_TRAIN_KEYS = ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain", "max_per_class",
+               "data_fraction", "forget", "eval_splits", "eval_train_max")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["run_dir", "device", "threads"], DEMO)
+    cfg = _merged(args, ["run_dir", "device", "threads", "model", "data", "seed", "retrain"], DEMO)
     # Measured here: one WF step of the small CNN took 40 ms on 1 thread and 660 ms on 2 busy cores.
     _set_threads(cfg.get("threads") or 1)
     t0 = time.perf_counter()
-    res = unlearn_fast.train(method="wf", model=cfg["model"], data=cfg["data"], run_dir=cfg["run_dir"],
-                             seed=cfg.get("seed", 0), device=cfg.get("device"), retrain=cfg.get("retrain", True),
-                             progress=not args.quiet, **cfg["hparams"])
+    res = unlearn_fast.train(method="wf", progress=not args.quiet, original_hparams=cfg.get("original_hparams"),
+                             **_train_kwargs(cfg, _TRAIN_KEYS), **cfg["hparams"])
     _print_summary(res.metrics)
+    _print_health(res.health)
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; report: {res.run_dir / 'report.md'}")
-    return 0
+    return _status_code(res.health)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["method", "model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain", "threads"])
+    cfg = _merged(args, ["method", *_TRAIN_KEYS, "threads"])
     _set_threads(cfg.get("threads"))
-    kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain") if cfg.get(k) is not None}
+    kw = _train_kwargs(cfg, _TRAIN_KEYS)
     if args.no_eval:
         kw["evaluate"] = False
-    res = unlearn_fast.train(method=cfg.get("method", "wf"), progress=not args.quiet, **kw, **cfg["hparams"])
+    if isinstance(kw.get("forget"), list):
+        kw["forget"] = ",".join(map(str, kw["forget"]))
+    method = cfg.get("method", "wf")
+    res = unlearn_fast.train(method=method, progress=not args.quiet, original_hparams=cfg.get("original_hparams"),
+                             **kw, **cfg["hparams"])
     if res.metrics:
         _print_summary(res.metrics)
+    if "test_acc" in res.info:
+        print(f"{method} model test accuracy: {res.info['test_acc']:.1f}%")
+    fr = res.info.get("forget_request")
+    if fr:
+        print(f"forget request {fr['classes']} ({fr['mode']}, {fr['file']}): "
+              + ", ".join(f"class {c} Acc_f {v:.1f}% (original {fr['original_acc_f'][c]:.1f}%)" for c, v in fr["acc_f"].items())
+              + f"; Acc_r {fr['acc_r']:.1f}% (original {fr['original_acc_r']:.1f}%)")
+    _print_health(res.health)
     print(f"run directory: {res.run_dir}")
-    return 0
+    return _status_code(res.health)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["run_dir", "device", "batch_size", "insertion_steps", "threads"])
+    cfg = _merged(args, ["run_dir", "device", "batch_size", "insertion_steps", "threads", "eval_splits", "eval_train_max"])
     _set_threads(cfg.get("threads"))
     if not cfg.get("run_dir"):
-        raise SystemExit("evaluate needs --run-dir")
+        raise InputError("evaluate needs --run-dir")
+    kw = {}
+    if cfg.get("eval_splits") is not None:
+        kw["splits"] = _splits(cfg["eval_splits"])
+    if cfg.get("eval_train_max") is not None:
+        kw["train_max"] = cfg["eval_train_max"]
     m = unlearn_fast.evaluate(cfg["run_dir"], device=cfg.get("device"), batch_size=cfg.get("batch_size", 512),
-                              insertion_steps=cfg.get("insertion_steps", 10), progress=not args.quiet)
+                              insertion_steps=cfg.get("insertion_steps", 10), progress=not args.quiet, **kw)
     _print_summary(m)
-    return 0
+    _print_health(m.get("health"))
+    return _status_code(m.get("health"))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -152,7 +240,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     cfg = _merged(args, ["run_dir"])
     if not cfg.get("run_dir"):
-        raise SystemExit("report needs --run-dir")
+        raise InputError("report needs --run-dir")
     print(write_report(cfg["run_dir"]))
     return 0
 
@@ -160,22 +248,37 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from unlearn_fast import _ext
     from unlearn_fast.data import list_datasets
-    from unlearn_fast.methods import list_methods
+    from unlearn_fast.methods import get_method_class, list_methods
+    from unlearn_fast.methods.hparams import describe_hparams
     from unlearn_fast.models import list_models
 
+    if args.what:
+        cls = get_method_class(args.what)
+        rows = describe_hparams(cls.Hparams)
+        presets = cls.presets()
+        if args.json:
+            print(json.dumps({"method": args.what, "hparams": rows, "presets": presets}, indent=1, default=str))
+            return 0
+        print(f"{args.what}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+        w = max(len(r["name"]) for r in rows)
+        for r in rows:
+            print(f"  {r['name']:<{w}}  {r['type']:<28} default {r['default']!r:<14} {r['meaning']}")
+        if presets:
+            print("presets: " + "; ".join(f"{k} = {v}" for k, v in presets.items()))
+        return 0
     out = {"methods": list_methods(), "models": list_models(), "datasets": list_datasets(),
            "extension": {"loaded": _ext.HAS_C, "cuda": _ext.HAS_C_CUDA}}
     print(json.dumps(out, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
 
 
-def _parse_method_sets(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+def _parse_method_sets(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     """``--set ga.lr=0.01`` -> ``{"ga": {"lr": 0.01}}`` (values parsed as YAML)."""
     out: dict[str, dict[str, Any]] = {}
     for k, v in _parse_set(items).items():
         meth, dot, key = k.rpartition(".")
         if not dot or not meth or not key:
-            raise SystemExit(f"compare --set expects METHOD.KEY=VALUE (e.g. ga.lr=0.01), got {k!r}")
+            raise InputError(f"compare --set expects METHOD.KEY=VALUE (e.g. ga.lr=0.01), got {k!r}")
         out.setdefault(meth, {})[key] = v
     return out
 
@@ -184,30 +287,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import unlearn_fast
     from unlearn_fast.evaluation.compare_report import compare_table_markdown
 
-    cfg = _merged(args, ["run_dir", "device", "model", "data", "seed", "img_size", "in_chans", "forget", "methods",
-                         "tsne_method", "threads"])
+    keys = ["run_dir", "device", "model", "data", "seed", "img_size", "in_chans", "forget", "methods", "tsne_method", "threads",
+            "max_per_class", "data_fraction"]
+    file_cfg = _load_config(getattr(args, "config", None), [*keys, "hparams", "original_hparams"])
+    cfg = {**file_cfg, **{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}}
     _set_threads(cfg.get("threads"))
-    cfg.pop("hparams", None)
-    file_hp = (_load_config(getattr(args, "config", None)).get("hparams") or {})
-    hp = {m: dict(v or {}) for m, v in file_hp.items()}
+    hp = {m: dict(v or {}) for m, v in (file_cfg.get("hparams") or {}).items()}
     for m, v in _parse_method_sets(args.set).items():
         hp.setdefault(m, {}).update(v)
-    orig_hp = dict(cfg.get("original_hparams") or {})
-    orig_hp.update(_parse_set(args.original_set))
+    orig_hp = dict(file_cfg.get("original_hparams") or {})
+    orig_hp.update(_parse_set(args.original_set, "--original-set"))
     methods = cfg.get("methods")
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if not methods or cfg.get("forget") is None:
-        raise SystemExit("compare needs --methods (e.g. ft,ga,ec) and --forget (e.g. 1,3 | random:2 | similar:2:SPEC)")
+        raise InputError("compare needs --methods (e.g. ft,ga,ec) and --forget (e.g. 1,3 | random:2 | similar:2:SPEC)")
     forget = cfg["forget"]
     forget = ",".join(map(str, forget)) if isinstance(forget, list) else str(forget)
-    kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "tsne_method")
-          if cfg.get(k) is not None}
-    res = unlearn_fast.compare(methods=methods, forget=forget, hparams=hp, original_hparams=orig_hp or None,
+    kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "tsne_method",
+                              "max_per_class", "data_fraction") if cfg.get(k) is not None}
+    res = unlearn_fast.compare(methods=methods, forget=forget, hparams=hp,
+                               original_hparams=orig_hp if (orig_hp or "original_hparams" in file_cfg) else None,
                                progress=not args.quiet, **kw)
     print(compare_table_markdown(res.metrics))
+    _print_health(res.health)
     print(f"report: {res.report}")
-    return 0
+    return _status_code(res.health)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,17 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="digits + small CNN: train, retrain, WF-untrain all classes, evaluate, report")
     _common(d)
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a WF hyper-parameter")
+    d.add_argument("--original-set", dest="original_set", action="append", metavar="KEY=VALUE",
+                   help="override the original / retrained models' recipe")
     d.set_defaults(func=cmd_demo)
     t = sub.add_parser("train", help="train the original model, the retrained models, or unlearn (--method)")
     _common(t)
     t.add_argument("--method", help="original | retrain | wf | ... (unlearn-fast list)")
-    _train_opts(t)
+    _data_opts(t)
+    t.add_argument("--retrain", action="store_true", default=None, help="also train the per-class retrained models (needed for Act-Dist / JS-Div)")
+    t.add_argument("--forget", help="forget request: 3 | 1,4,7 | random:K | similar:K:SPEC (wf: bake/compose those gate rows)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method hyper-parameter (repeatable)")
+    _eval_opts(t)
     t.add_argument("--no-eval", action="store_true", help="do not evaluate after WF untraining")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("evaluate", help="evaluate every class of a run's WF-Net; writes metrics.json and report.md")
     _common(e)
     e.add_argument("--batch-size", dest="batch_size", type=int)
     e.add_argument("--insertion-steps", dest="insertion_steps", type=int)
+    _eval_opts(e)
     e.set_defaults(func=cmd_evaluate)
     r = sub.add_parser("report", help="re-write report.md and figures from metrics.json")
     _common(r)
@@ -241,27 +353,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int)
     c.add_argument("--img-size", dest="img_size", type=int, help="input size in px (default 32; the small CNN keeps the data's size)")
     c.add_argument("--in-chans", dest="in_chans", type=int, help="input channels (default: the data's)")
+    c.add_argument("--max-per-class", dest="max_per_class", type=int, help="keep at most N images per class (seeded)")
+    c.add_argument("--data-fraction", dest="data_fraction", type=float, help="keep this fraction of each class (seeded)")
     c.add_argument("--tsne-method", dest="tsne_method", help="method shown in the t-SNE figure (default: best H-Mean)")
     c.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="override a method hyper-parameter (repeatable)")
     c.add_argument("--original-set", dest="original_set", action="append", metavar="KEY=VALUE",
                    help="override the original / retrained models' recipe (e.g. max_epochs=20)")
     c.set_defaults(func=cmd_compare)
-    li = sub.add_parser("list", help="methods, models, datasets, extension status")
+    li = sub.add_parser("list", help="methods, models, datasets, extension status; `list METHOD`: its hyper-parameters")
+    li.add_argument("what", nargs="?", help="a method name: every hyper-parameter with its default and meaning")
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=cmd_list)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from unlearn_fast.methods.loop import NonFiniteError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted: progress is checkpointed; run the same command again to resume", file=sys.stderr)
-        return 130
-    except (FileNotFoundError, ValueError) as exc:
+        return EXIT_INTERRUPT
+    except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAIL
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as exc:  # disk full, read-only file system, ...
+        print(f"error: {exc.strerror or exc} ({exc.filename or 'run directory'}); fix it and run the same command again",
+              file=sys.stderr)
+        return EXIT_INPUT
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
             progress: bool = True, seed: int = 0, img_size: int | None = None, in_chans: int | None = None,
             original_hparams: dict[str, Any] | None = None, retrain_hparams: dict[str, Any] | None = None,
             tsne_method: str | None = None, tsne_neighbors: int = 9, tsne_max_per_class: int = 100,
-            figures: bool = True, batch_size: int = 512) -> CompareResult:
+            figures: bool = True, batch_size: int = 512, max_per_class: int | None = None,
+            data_fraction: float | None = None) -> CompareResult:
     """Run ``methods`` on one original model and one forget request; evaluate, tabulate and plot them.
 
     ``forget``: class list, ``"1,4"``, ``"random:K"`` or ``"similar:K:<dataset spec>"`` (resolved after the
@@ -176,7 +177,7 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     if retrain_hparams is not None:
         create_method("retrain", **retrain_hparams)
     plan = plan_run(model, data, run_dir, seed=seed, device=device, img_size=img_size, in_chans=in_chans,
-                    progress=progress)
+                    max_per_class=max_per_class, data_fraction=data_fraction, progress=progress)
     run_dir, device, cfg, ctx = plan.run_dir, plan.device, plan.cfg, plan.ctx
     seed = cfg.get("seed", seed)
     pre = precheck_forget_request(forget, ctx)

@@ -33,6 +33,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a run dir's files follow the umask
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -41,6 +42,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def canonical(obj: Any) -> Any:

@@ -33,6 +33,9 @@ __all__ = [
     "zrf",
     "linear_cka",
     "pool_features",
+    "exact_state_bytes",
+    "ESTIMATORS",
+    "hooked_module_name",
 ]
 
 
@@ -180,21 +183,45 @@ def channels_last_features(model: nn.Module) -> bool:
     return str(getattr(model, "unlearn_fast_name", "")).startswith("swin")
 
 
+INPUT_SUFFIX = ":in"
+
+
+def hooked_module_name(layer: str) -> tuple[str, bool]:
+    """``"head:in"`` -> ``("head", True)`` (the module's input is hooked); ``"fc"`` -> ``("fc", False)``."""
+    if layer.endswith(INPUT_SUFFIX):
+        return layer[: -len(INPUT_SUFFIX)], True
+    return layer, False
+
+
 class FeatureHooks:
-    """Forward hooks that keep the pooled ``[B, d]`` output of named modules of one model
-    (channels-last block outputs are permuted to ``[B, C, H, W]`` before pooling)."""
+    """Forward hooks that keep the pooled ``[B, d]`` output of named modules of one model, or their
+    first input for names ending in ``":in"`` (``"head:in"``: the classifier's input, the pooled
+    feature of a ViT/Swin after its final norm and token pooling). Channels-last block outputs are
+    permuted to ``[B, C, H, W]`` before pooling."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str], pool: str = "avg") -> None:
         mods = dict(model.named_modules())
-        missing = [name for name in layers if name not in mods]
+        missing = [name for name in layers if hooked_module_name(name)[0] not in mods]
         if missing:
             some = [n for n in mods if n][:12]
             raise KeyError(f"layers {missing} are not modules of {type(model).__name__}; some names: {some} "
                            "(see unlearn_fast.models.feature_layers)")
         self.out: dict[str, Tensor] = {}
         self.channels_last = channels_last_features(model)
-        self.handles = [mods[name].register_forward_hook(self._hook(name, pool)) for name in layers]
+        self.handles = []
+        for name in layers:
+            mod, on_input = hooked_module_name(name)
+            if on_input:
+                self.handles.append(mods[mod].register_forward_pre_hook(self._pre_hook(name, pool)))
+            else:
+                self.handles.append(mods[mod].register_forward_hook(self._hook(name, pool)))
         self.layers = list(layers)
+
+    def _pre_hook(self, name: str, pool: str):
+        def fn(_mod, inp):
+            self.out[name] = pool_features(inp[0], pool)
+
+        return fn
 
     def _hook(self, name: str, pool: str):
         def fn(_mod, _inp, out):
@@ -217,43 +244,67 @@ class FeatureHooks:
             h.remove()
 
 
+ESTIMATORS = ("exact", "minibatch", "auto")
+
+
+def exact_state_bytes(dims_a: Sequence[int], dims_b: Sequence[int], pairs: str) -> int:
+    """Bytes of the float64 exact-CKA statistics: ``pairs="all"``: S_xy over the summed widths
+    [sum d_a, sum d_b] plus per-layer S_xx, S_yy (the diagonal blocks only); ``"diagonal"``: per layer
+    S_xy, S_xx, S_yy. Plus the sums s_x, s_y."""
+    sq = sum(d * d for d in dims_a) + sum(d * d for d in dims_b) + sum(dims_a) + sum(dims_b)
+    cross = sum(dims_a) * sum(dims_b) if pairs == "all" else sum(a * b for a, b in zip(dims_a, dims_b))
+    return 8 * (sq + cross)
+
+
 class LinearCKA(_Metric):
     """Layer-wise linear CKA between two models, all layers in one pass over the data.
 
-    Hooks ``layers`` (module names, e.g. ``["layer1.0", "layer4.1", "avgpool", "fc"]``) in both models.
+    Hooks ``layers`` (module names, e.g. ``["layer1.0", "layer4.1", "avgpool", "fc"]``; ``"name:in"``
+    hooks the module's *input*, e.g. ``"head:in"`` = the classifier's input) in both models.
     ``update(x)`` runs both models without grad and adds the batch; ``compute()`` returns
     ``{"layers", "cka", "estimator", "pairs", "n"}`` with ``cka`` float64 [L] (``pairs="diagonal"``:
     layer i of A vs layer i of B) or [L, L] (``pairs="all"``: row = layer of A, column = layer of B).
 
-    estimator="exact": streamed S_xy, S_xx, S_yy, s_x, s_y (float64, O(d^2) memory, any n).
-    estimator="minibatch": unbiased HSIC of Nguyen et al. 2021 averaged over minibatches (O(n^2)
-    memory per batch; for d >> n); batches of fewer than 4 samples are skipped and counted.
+    estimator="exact": streamed S_xy, S_xx, S_yy, s_x, s_y (float64, any n). Only what is read is
+    kept: for ``pairs="all"`` S_xy over the concatenated widths (every block is read) but S_xx / S_yy
+    per layer (only their diagonal blocks enter the denominators). Its memory,
+    :func:`exact_state_bytes`, is checked at the first batch against ``memory_limit`` (bytes, default
+    4 GiB): over it, "exact" raises a ValueError that names the estimator to use.
+    estimator="minibatch": the unbiased HSIC of Nguyen et al. 2021 summed over minibatches (the
+    pytorch-cka estimator; O(n^2) per batch, any width), fused over all read layer pairs; batches of
+    fewer than 4 samples are skipped and counted.
+    estimator="auto": "exact" when it fits ``memory_limit``, else "minibatch"; ``compute()["estimator"]``
+    says which one produced the numbers.
     """
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, layers: Sequence[str],
-                 estimator: Literal["exact", "minibatch"] = "exact", pool: Literal["avg", "flatten"] = "avg",
-                 pairs: Literal["diagonal", "all"] = "diagonal") -> None:
-        if estimator not in ("exact", "minibatch"):
-            raise ValueError(f"estimator must be 'exact' or 'minibatch', got {estimator!r}")
+                 estimator: Literal["exact", "minibatch", "auto"] = "exact", pool: Literal["avg", "flatten"] = "avg",
+                 pairs: Literal["diagonal", "all"] = "diagonal", memory_limit: int | None = None) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if pool not in ("avg", "flatten"):
             raise ValueError(f"pool must be 'avg' or 'flatten', got {pool!r}")
         if pairs not in ("diagonal", "all"):
             raise ValueError(f"pairs must be 'diagonal' or 'all', got {pairs!r}")
         if not layers:
             raise ValueError("LinearCKA needs at least one layer name")
+        if memory_limit is not None and memory_limit <= 0:
+            raise ValueError(f"memory_limit must be a positive number of bytes or None, got {memory_limit!r}")
         self.model_a, self.model_b = model_a, model_b
         self.layers = list(layers)
+        self.requested_estimator = estimator
         self.estimator, self.pool, self.pairs = estimator, pool, pairs
+        self.memory_limit = int(memory_limit) if memory_limit is not None else 4 << 30
         self._hooks_a = FeatureHooks(model_a, self.layers, pool)
         self._hooks_b = FeatureHooks(model_b, self.layers, pool) if model_b is not model_a else self._hooks_a
         self.reset()
 
     @classmethod
-    def for_features(cls, layers: Sequence[str], estimator: Literal["exact", "minibatch"] = "exact",
-                     pairs: Literal["diagonal", "all"] = "diagonal") -> "LinearCKA":
+    def for_features(cls, layers: Sequence[str], estimator: Literal["exact", "minibatch", "auto"] = "exact",
+                     pairs: Literal["diagonal", "all"] = "diagonal", memory_limit: int | None = None) -> "LinearCKA":
         """A LinearCKA without models or hooks, fed with :meth:`update_features` (features captured elsewhere)."""
         ident = nn.Identity()
-        self = cls(ident, ident, [""], estimator=estimator, pairs=pairs)
+        self = cls(ident, ident, [""], estimator=estimator, pairs=pairs, memory_limit=memory_limit)
         self.remove_hooks()
         self.model_a = self.model_b = None  # type: ignore[assignment]
         self.layers = list(layers)
@@ -262,31 +313,48 @@ class LinearCKA(_Metric):
     # -- state
     def reset(self) -> None:
         self._state_names = ()
+        self.estimator = self.requested_estimator
         self.dims_a: list[int] | None = None
         self.dims_b: list[int] | None = None
         self.n = torch.zeros((), dtype=torch.float64)
         self.skipped = 0
 
+    def _resolve_estimator(self, dims_a: list[int], dims_b: list[int]) -> str:
+        if self.requested_estimator == "minibatch":
+            return "minibatch"
+        need = exact_state_bytes(dims_a, dims_b, self.pairs)
+        if need <= self.memory_limit:
+            return "exact"
+        if self.requested_estimator == "auto":
+            return "minibatch"
+        raise ValueError(
+            f"LinearCKA(estimator='exact', pairs={self.pairs!r}, pool={self.pool!r}) needs {need / 2**30:.2f} GiB of "
+            f"float64 statistics for feature widths {dims_a} / {dims_b}, over memory_limit="
+            f"{self.memory_limit / 2**30:.2f} GiB: use estimator='minibatch' (unbiased HSIC, O(n^2) per batch, any "
+            "width) or estimator='auto', or pool='avg', or raise memory_limit")
+
     def _init_state(self, fa: list[Tensor], fb: list[Tensor]) -> None:
         dev = fa[0].device
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
-        self.dims_a = [f.shape[1] for f in fa]
-        self.dims_b = [f.shape[1] for f in fb]
+        dims_a = [f.shape[1] for f in fa]
+        dims_b = [f.shape[1] for f in fb]
+        self.estimator = self._resolve_estimator(dims_a, dims_b)
+        self.dims_a, self.dims_b = dims_a, dims_b
         self.n = self.n.to(dev)
         L = len(self.layers)
         if self.estimator == "minibatch":
-            self.hsic_sum = z(2 * L, 2 * L)
-            self._state_names = ("n", "hsic_sum")
+            self.hxy = z(L, L) if self.pairs == "all" else z(L)
+            self.hxx, self.hyy = z(L), z(L)
+            self._state_names = ("n", "hxy", "hxx", "hyy")
             return
         if self.pairs == "all":
-            da, db = [sum(self.dims_a)], [sum(self.dims_b)]
+            self.sxy = [z(sum(dims_a), sum(dims_b))]
         else:
-            da, db = self.dims_a, self.dims_b
-        self.sxy = [z(a, b) for a, b in zip(da, db)]
-        self.sxx = [z(a, a) for a in da]
-        self.syy = [z(b, b) for b in db]
-        self.sx = [z(a) for a in da]
-        self.sy = [z(b) for b in db]
+            self.sxy = [z(a, b) for a, b in zip(dims_a, dims_b)]
+        self.sxx = [z(a, a) for a in dims_a]
+        self.syy = [z(b, b) for b in dims_b]
+        self.sx = [z(a) for a in dims_a]
+        self.sy = [z(b) for b in dims_b]
         self._state_names = ("n",)
 
     def _states(self) -> dict[str, Tensor]:
@@ -300,7 +368,8 @@ class LinearCKA(_Metric):
     def to(self, device: torch.device | str) -> "LinearCKA":
         self.n = self.n.to(device)
         if self.estimator == "minibatch" and self.dims_a is not None:
-            self.hsic_sum = self.hsic_sum.to(device)
+            for name in ("hxy", "hxx", "hyy"):
+                setattr(self, name, getattr(self, name).to(device))
         elif self.dims_a is not None:
             for name in ("sxy", "sxx", "syy", "sx", "sy"):
                 setattr(self, name, [t.to(device) for t in getattr(self, name)])
@@ -339,9 +408,9 @@ class LinearCKA(_Metric):
                 warnings.warn(f"LinearCKA(minibatch): skipped a batch of {n} < 4 samples", RuntimeWarning,
                               stacklevel=2)
                 return
-            ops.hsic_minibatch_accumulate(fa + fb, self.hsic_sum)
+            ops.hsic_cross_accumulate(fa, fb, self.hxy, self.hxx, self.hyy, all_pairs=self.pairs == "all")
         elif self.pairs == "all":
-            ops.cka_accumulate([torch.cat(fa, 1)], [torch.cat(fb, 1)], self.sxy, self.sxx, self.syy, self.sx, self.sy)
+            ops.cka_accumulate_cross(fa, fb, self.sxy[0], self.sxx, self.syy, self.sx, self.sy)
         else:
             ops.cka_accumulate(fa, fb, self.sxy, self.sxx, self.syy, self.sx, self.sy)
         self.n += n
@@ -350,14 +419,10 @@ class LinearCKA(_Metric):
         """{"layers": [...], "cka": float64 [L] or [L, L], "estimator", "pairs", "n", "skipped"}."""
         if self.dims_a is None or float(self.n) == 0:
             raise RuntimeError("LinearCKA.compute() called before any update()")
-        L = len(self.layers)
         if self.estimator == "minibatch":
-            full = ops.minibatch_cka_from_hsic(self.hsic_sum)
-            block = full[:L, L:]
-            cka = block.diagonal().clone() if self.pairs == "diagonal" else block.clone()
+            cka = ops.minibatch_cka_cross(self.hxy, self.hxx, self.hyy)
         elif self.pairs == "all":
-            cka = ops.cka_finalize_blocks(self.sxy[0], self.sxx[0], self.syy[0], self.sx[0], self.sy[0],
-                                          float(self.n), self.dims_a, self.dims_b)
+            cka = ops.cka_finalize_cross(self.sxy[0], self.sxx, self.syy, self.sx, self.sy, float(self.n))
         else:
             cka = ops.cka_finalize(self.sxy, self.sxx, self.syy, self.sx, self.sy, float(self.n))
         return {"layers": list(self.layers), "cka": cka, "estimator": self.estimator, "pairs": self.pairs,

@@ -19,7 +19,7 @@ __all__ = ["ClassifierRecipe", "train_classifier", "hflip_batch", "PAPER_RECIPE"
 
 # Train splits with fewer images per class than this get translation augmentation by default: on a
 # 40-class face set of 7 training images per person the unaugmented recipe over-fits in a few epochs.
-SMALL_SET_PER_CLASS = 200
+SMALL_SET_PER_CLASS = 50
 
 
 @dataclass
@@ -29,7 +29,7 @@ class ClassifierRecipe:
 
     Fitted to the data (``fit_to_data``, ``preset="paper"`` turns it off): the batch shrinks until an
     epoch holds at least 4 optimizer steps, the epoch budget and the early-stopping floor hold at least
-    ``min_steps`` steps, and small train splits (< 200 images per class) get random translations of up
+    ``min_steps`` steps, and small train splits (< 50 images per class) get random translations of up
     to ``shift`` of the image side - so a 10-images-per-class set still trains a model worth unlearning.
     """
 
@@ -40,7 +40,7 @@ class ClassifierRecipe:
     weight_decay: float = 0.0          # Adam weight decay
     hflip: bool | None = None          # random horizontal flip; None: the dataset's recipe (CIFAR yes, digits no)
     fit_to_data: bool = True           # adapt batch / epochs / augmentation to the data size (False: literal values)
-    min_steps: int = 300               # floor of optimizer steps before early stopping may fire (fit_to_data)
+    min_steps: int = 150               # floor of optimizer steps before early stopping may fire (fit_to_data)
     shift: float | None = None         # random translation, fraction of the side; None: 1/8 on small sets, else 0
 
 

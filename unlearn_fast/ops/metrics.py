@@ -34,6 +34,10 @@ __all__ = [
     "cka_finalize_blocks",
     "hsic_minibatch_accumulate",
     "minibatch_cka_from_hsic",
+    "cka_accumulate_cross",
+    "cka_finalize_cross",
+    "hsic_cross_accumulate",
+    "minibatch_cka_cross",
     "offsets_of",
     "metrics_backend",
 ]
@@ -183,6 +187,54 @@ def minibatch_cka_from_hsic(hsic_sum: Tensor) -> Tensor:
     return _ratio(hsic_sum, d[:, None], d[None, :]).cpu()
 
 
+def cka_accumulate_cross(xs: Sequence[Tensor], ys: Sequence[Tensor], sxy: Tensor, sxx: Sequence[Tensor],
+                         syy: Sequence[Tensor], sx: Sequence[Tensor], sy: Sequence[Tensor]) -> None:
+    """In place, every (layer a of X, layer b of Y) pair at once: sxy += cat(xs)^T cat(ys) [Dx, Dy]
+    (all of it is read), but sxx[l] += x_l^T x_l [d_l, d_l] and syy[l] += y_l^T y_l per layer only,
+    sx[l] += 1^T x_l, sy[l] += 1^T y_l. Float64 accumulators on the features' device."""
+    if not xs or not ys:
+        raise ValueError("cka_accumulate_cross: need at least one layer per side")
+    if metrics_backend("cka_accumulate_cross", xs[0].device) == "c":
+        _ops().cka_accumulate_cross(list(xs), list(ys), sxy, list(sxx), list(syy), list(sx), list(sy))
+    else:
+        cka_ref.cka_accumulate_cross_ref(xs, ys, sxy, sxx, syy, sx, sy)
+
+
+def cka_finalize_cross(sxy: Tensor, sxx: Sequence[Tensor], syy: Sequence[Tensor], sx: Sequence[Tensor],
+                       sy: Sequence[Tensor], n: float | Tensor) -> Tensor:
+    """Exact CKA [Lx, Ly] (float64, CPU) from :func:`cka_accumulate_cross` statistics."""
+    n = float(n)
+    s1, s2 = torch.cat(list(sx)), torch.cat(list(sy))
+    hxy = cka_centered_sqnorm(sxy, s1, s2, n, offsets_of([t.shape[0] for t in sx]),
+                              offsets_of([t.shape[0] for t in sy]))
+    hxx = torch.stack([_sqnorm_scalar(a, b, b, n) for a, b in zip(sxx, sx)])
+    hyy = torch.stack([_sqnorm_scalar(a, b, b, n) for a, b in zip(syy, sy)])
+    return _ratio(hxy, hxx[:, None], hyy[None, :]).cpu()
+
+
+def hsic_cross_accumulate(xs: Sequence[Tensor], ys: Sequence[Tensor], hxy: Tensor, hxx: Tensor, hyy: Tensor,
+                          all_pairs: bool = True) -> None:
+    """In place, one minibatch (n >= 4) of the unbiased HSIC (Nguyen et al. 2021), fused over layers:
+    hxy[a, b] += HSIC_1(K_a, L_b) for every (a, b) ([Lx, Ly], ``all_pairs``) or hxy[l] += HSIC_1(K_l, L_l)
+    ([L]); hxx [Lx], hyy [Ly] += the self terms. K_a = x_a x_a^T, L_b = y_b y_b^T; no X-X / Y-Y cross pair
+    is formed. The extension builds only the strictly lower triangle of each Gram, in row blocks, from
+    batch-centred features (float32 Grams for float32/16 features, float64 sums)."""
+    if not xs or not ys:
+        raise ValueError("hsic_cross_accumulate: need at least one feature set on each side")
+    if metrics_backend("hsic_cross_accumulate", hxy.device) == "c":
+        _ops().hsic_cross_accumulate(list(xs), list(ys), hxy, hxx, hyy, bool(all_pairs))
+    else:
+        cka_ref.hsic_cross_accumulate_ref(xs, ys, hxy, hxx, hyy, bool(all_pairs))
+
+
+def minibatch_cka_cross(hxy: Tensor, hxx: Tensor, hyy: Tensor) -> Tensor:
+    """CKA = hxy / sqrt(hxx hyy) from summed HSIC_1 values: [Lx, Ly] (or [L] for paired layers), float64 CPU."""
+    dx, dy = hxx.clamp_min(0), hyy.clamp_min(0)
+    if hxy.dim() == 2:
+        return _ratio(hxy, dx[:, None], dy[None, :]).cpu()
+    return _ratio(hxy, dx, dy).cpu()
+
+
 # ---------------------------------------------------------------------------- fake (meta) kernels
 if _ext.HAS_C:
 
@@ -209,4 +261,12 @@ if _ext.HAS_C:
 
     @torch.library.register_fake("unlearn_fast::hsic_minibatch_accumulate")
     def _fake_hsic_acc(feats, hsic_sum) -> None:
+        return None
+
+    @torch.library.register_fake("unlearn_fast::cka_accumulate_cross")
+    def _fake_cka_cross(xs, ys, sxy, sxx, syy, sx, sy) -> None:
+        return None
+
+    @torch.library.register_fake("unlearn_fast::hsic_cross_accumulate")
+    def _fake_hsic_cross(xs, ys, hxy, hxx, hyy, all_pairs) -> None:
         return None

@@ -20,6 +20,8 @@ __all__ = [
     "cka_accumulate_ref",
     "cka_centered_sqnorm_ref",
     "hsic_minibatch_accumulate_ref",
+    "cka_accumulate_cross_ref",
+    "hsic_cross_accumulate_ref",
 ]
 
 
@@ -133,3 +135,53 @@ def hsic_minibatch_accumulate_ref(feats: Sequence[Tensor], hsic_sum: Tensor) -> 
             hsic_sum[a, b] += h
             if b != a:
                 hsic_sum[b, a] += h
+
+
+def cka_accumulate_cross_ref(xs: Sequence[Tensor], ys: Sequence[Tensor], sxy: Tensor, sxx: Sequence[Tensor],
+                             syy: Sequence[Tensor], sx: Sequence[Tensor], sy: Sequence[Tensor]) -> None:
+    """In place: sxy += cat(xs)^T cat(ys) [Dx, Dy]; per layer sxx[l] += x_l^T x_l, syy[l] += y_l^T y_l,
+    sx[l] += 1^T x_l, sy[l] += 1^T y_l (float64). Reference of ``torch.ops.unlearn_fast.cka_accumulate_cross``."""
+    if not xs or not ys or len(sxx) != len(xs) or len(sx) != len(xs) or len(syy) != len(ys) or len(sy) != len(ys):
+        raise ValueError("cka_accumulate_cross: need >= 1 layer per side and one sxx/sx per xs, one syy/sy per ys")
+    n = xs[0].shape[0]
+    for f in list(xs) + list(ys):
+        if f.dim() != 2 or f.shape[0] != n:
+            raise ValueError(f"cka_accumulate_cross: features must be [n={n}, d], got {tuple(f.shape)}")
+    X = torch.cat([f.double() for f in xs], 1)
+    Y = torch.cat([f.double() for f in ys], 1)
+    if sxy.dtype != torch.float64 or tuple(sxy.shape) != (X.shape[1], Y.shape[1]):
+        raise ValueError(f"cka_accumulate_cross: sxy must be float64 {(X.shape[1], Y.shape[1])}, got {sxy.dtype} "
+                         f"{tuple(sxy.shape)}")
+    sxy.addmm_(X.T, Y)
+    for fs, ss, s1 in ((xs, sxx, sx), (ys, syy, sy)):
+        for f, a, b in zip(fs, ss, s1):
+            f = f.double()
+            a.addmm_(f.T, f)
+            b.add_(f.sum(0))
+
+
+def hsic_cross_accumulate_ref(xs: Sequence[Tensor], ys: Sequence[Tensor], hxy: Tensor, hxx: Tensor, hyy: Tensor,
+                              all_pairs: bool = True) -> None:
+    """In place, float64 Grams of the raw features: hxy[a, b] += HSIC_1(K_a, L_b) for every pair
+    (``all_pairs``; [Lx, Ly]) or hxy[l] += HSIC_1(K_l, L_l) ([L]); hxx[a] += HSIC_1(K_a, K_a),
+    hyy[b] += HSIC_1(L_b, L_b). Reference of ``torch.ops.unlearn_fast.hsic_cross_accumulate``."""
+    n = xs[0].shape[0] if xs else 0
+    if not xs or not ys:
+        raise ValueError("hsic_cross_accumulate: need at least one feature set on each side")
+    if n < 4:
+        raise ValueError(f"hsic_cross_accumulate: the unbiased HSIC estimator needs n >= 4, got n={n}")
+    if not all_pairs and len(xs) != len(ys):
+        raise ValueError(f"hsic_cross_accumulate: all_pairs=False needs as many xs as ys, got {len(xs)}, {len(ys)}")
+    gx = [f.double() @ f.double().T for f in xs]
+    gy = [f.double() @ f.double().T for f in ys]
+    for a, K in enumerate(gx):
+        hxx[a] += hsic1_ref(K, K)
+    for b, L in enumerate(gy):
+        hyy[b] += hsic1_ref(L, L)
+    if all_pairs:
+        for a, K in enumerate(gx):
+            for b, L in enumerate(gy):
+                hxy[a, b] += hsic1_ref(K, L)
+    else:
+        for l, (K, L) in enumerate(zip(gx, gy)):
+            hxy[l] += hsic1_ref(K, L)
