@@ -36,7 +36,7 @@ DATASETS = {
 BASE = {"batch_size": 128, "grad_accum": 1, "evals_per_epoch": 2, "patience": 6, "min_steps": 0,
         "fit_to_data": False}
 MAX_EPOCHS = 6
-PAPER = {"select": "loss", "forget_stop": None, "forget_frac": 0.5, "reg_form": "layer_mean", "gate_layers": "all",
+PAPER = {"alpha_init": 3.0, "alpha_clip": 3.0, "select": "loss", "forget_stop": None, "forget_frac": 0.5, "reg_form": "layer_mean", "gate_layers": "all",
          "gate_bias": True, "polish_steps": 0, "optimizer": "adam", "lr": 0.1}
 LEVERS: dict[str, dict] = {
     "paper_adam": {**PAPER},                                               # paper values, Adam 0.1 (old default)
@@ -51,6 +51,9 @@ LEVERS: dict[str, dict] = {
     "skip_first": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_layers": "skip_first"},
     "no_bias_gate": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_bias": False},
     "polish": {**PAPER, "forget_stop": 1.0, "select": "hmean", "polish_steps": 40, "polish_lr": 0.05},
+    "ceiling": {**PAPER, "forget_stop": 1.0, "select": "hmean", "alpha_init": 6.0, "alpha_clip": 6.0},
+    "ceiling_polish": {**PAPER, "forget_stop": 1.0, "select": "hmean", "alpha_init": 6.0, "alpha_clip": 6.0,
+                       "polish_steps": 40, "polish_lr": 0.05},
     "combo": {**PAPER, "forget_stop": 1.0, "select": "hmean", "forget_frac": 0.25, "polish_steps": 40,
               "polish_lr": 0.05},
     "default": {},                                                         # the WF defaults as they stand

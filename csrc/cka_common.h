@@ -94,12 +94,6 @@ struct HsicCross {
   at::Tensor txy, txx, tyy, rx, ry;
 };
 
-inline at::Tensor hsic_centred(const at::Tensor& f) {
-  const auto ct = f.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor mu = f.sum(0, /*keepdim=*/true, at::kDouble).div_(static_cast<double>(f.size(0)));
-  return f.to(ct).sub(mu.to(ct));
-}
-
 // Rows per block: about 1/8 of n (the triangle then costs ~56% of a full Gram), at least 32, and
 // at most what keeps the float64 block of all sets under ~64 MiB.
 inline int64_t hsic_block_rows(int64_t n, int64_t sets) {
@@ -108,14 +102,46 @@ inline int64_t hsic_block_rows(int64_t n, int64_t sets) {
   return std::max<int64_t>(1, std::min<int64_t>({n, want, cap}));
 }
 
+// The centred copies of all sets live in one buffer. On the CPU it is kept per thread between calls
+// (up to 1 GiB): a fresh allocation of that size is page-faulted in on every minibatch, which costs
+// about a quarter of the Gram GEMMs on one core. CUDA tensors use the caching allocator instead.
+inline at::Tensor hsic_workspace(int64_t numel, const at::TensorOptions& opt) {
+  if (opt.device().is_cpu() && numel * static_cast<int64_t>(c10::elementSize(opt.dtype().toScalarType())) <=
+                                   (int64_t(1) << 30)) {
+    static thread_local at::Tensor ws;
+    if (!ws.defined() || ws.scalar_type() != opt.dtype().toScalarType() || ws.numel() < numel)
+      ws = at::empty({numel}, opt);
+    return ws.narrow(0, 0, numel);
+  }
+  return at::empty({numel}, opt);
+}
+
 inline HsicCross hsic_cross_parts_aten(at::TensorList xs, at::TensorList ys, bool all_pairs) {
   const int64_t Lx = static_cast<int64_t>(xs.size()), Ly = static_cast<int64_t>(ys.size());
   const int64_t M = Lx + Ly;
   const int64_t n = xs[0].size(0);
+  std::vector<at::Tensor> src(xs.begin(), xs.end());
+  src.insert(src.end(), ys.begin(), ys.end());
+  bool all_double = true;
+  int64_t total = 0;
+  for (const at::Tensor& f : src) {
+    all_double = all_double && f.scalar_type() == at::kDouble;
+    total += n * f.size(1);
+  }
+  // float64 Grams only when every set is float64 (mixed inputs: float32 Grams, float64 sums)
+  const auto ct = all_double ? at::kDouble : at::kFloat;
+  at::Tensor ws = hsic_workspace(total, src[0].options().dtype(ct));
   std::vector<at::Tensor> F;
   F.reserve(M);
-  for (const at::Tensor& f : xs) F.push_back(hsic_centred(f));
-  for (const at::Tensor& f : ys) F.push_back(hsic_centred(f));
+  int64_t off = 0;
+  for (const at::Tensor& f : src) {
+    const int64_t d = f.size(1);
+    at::Tensor out = ws.narrow(0, off, n * d).view({n, d});
+    const at::Tensor fc = f.to(ct);
+    at::sub_out(out, fc, fc.mean(0, /*keepdim=*/true));  // HSIC_1 is invariant to a common row shift
+    F.push_back(out);
+    off += n * d;
+  }
   const auto dopt = F[0].options().dtype(at::kDouble);
   at::Tensor rows = at::zeros({M, n}, dopt);
   at::Tensor txy = all_pairs ? at::zeros({Lx, Ly}, dopt) : at::zeros({Lx}, dopt);

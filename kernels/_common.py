@@ -28,9 +28,9 @@ from unlearn_fast.kernels._tf32 import tf32_enabled
 __all__ = ["INTERPRET", "autotune", "m_bucket", "dot_precision", "dalpha", "tile_ids", "INTERP_TILE"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Under the interpreter one small config: 16-wide tiles make every multi-tile loop (M, N and K / C
+# Under the interpreter one small config: tiles smaller than the test shapes (B*H*W = 455 rows, 37
 # blocks) run on the small odd test shapes. Override with UNLEARN_FAST_TRITON_CONFIG.
-INTERP_TILE = (16, 16, 16, 1, 1)
+INTERP_TILE = (128, 32, 32, 1, 1)
 
 Tile = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 
@@ -232,7 +232,7 @@ def _dalpha_classes_kernel(p_ptr, lab_ptr, aw_ptr, ab_ptr, bias_ptr, daw_ptr, da
 def _reduce_tiles(strides_dy: tuple[int, int, int]) -> tuple[int, int, int, int]:
     """``(BLOCK_R, BLOCK_O, warps, rows per program)`` of pass 1 (depends on the layout only)."""
     if INTERPRET:
-        return 8, 16, 1, 16  # several row chunks, row loops and channel blocks on the test shapes
+        return 16, 16, 1, 48  # several row chunks, row loops and channel blocks on the test shapes
     if strides_dy[1] == 1 and strides_dy[2] != 1:  # NCHW: rows contiguous
         return 128, 16, 4, 2048
     return 32, 64, 4, 1024  # channels-last / linear: channels contiguous

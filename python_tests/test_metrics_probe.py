@@ -37,7 +37,9 @@ def test_probe_is_the_logistic_regression_optimum(n, d, k):
     l2 = 0.05
     probe = fit_linear_probe(x, y, k, l2=l2)
     z = ((x.double() - x.double().mean(0)) / x.double().std(0, unbiased=False)).numpy()
-    sk = LogisticRegression(C=1.0 / (n * l2), tol=1e-12, max_iter=10000).fit(z, y.numpy())
+    # sklearn fits K = 2 as one logistic w (= W1 - W0, and the symmetric optimum has ||W||^2 = ||w||^2 / 2)
+    C = (2.0 if k == 2 else 1.0) / (n * l2)
+    sk = LogisticRegression(C=C, tol=1e-12, max_iter=10000).fit(z, y.numpy())
     xt = torch.randn(31, d, generator=g) * 3
     ours = torch.softmax(probe(xt), 1).numpy()
     ref = sk.predict_proba(((xt.double() - x.double().mean(0)) / x.double().std(0, unbiased=False)).numpy())

@@ -5,6 +5,12 @@ figure (EC Fig. 2) and the t-SNE figure of forget vs nearest retain classes (EC 
 ``{"kind": "compare", "forget": [...], "rows": {name: row}, "order": [...], ...}`` where a row is the
 dict of :func:`unlearn_fast.evaluation.unlearn_eval.evaluate_unlearned` plus ``status``
 ("ok" | "failed"), ``time_s`` and, for failures, ``error``.
+
+Beside the main table (its last column lists the scores each row's H-Mean is over), the report has a
+table of the representation-level metrics that were computed (|IDI|, linear probe, k-NN retrieval and
+downstream accuracy with the gap to Retrained, MIA), a per-class table of the forget classes (FA, TFA,
+JS, Act-Dist; a class whose TFA stays at or above half of the original's is flagged "not forgotten"),
+and the k-NN retrieval figure of EC Fig. 4 (:func:`plot_compare_knn`).
 """
 from __future__ import annotations
 
@@ -21,13 +27,24 @@ import torch  # noqa: E402
 
 from unlearn_fast.evaluation.plots import save_figure  # noqa: E402
 
-__all__ = ["compare_table_markdown", "plot_cka_layers", "plot_tsne", "tsne_embed", "write_compare_report",
-           "TABLE_COLUMNS"]
+__all__ = ["compare_table_markdown", "representation_table_markdown", "per_class_table_markdown",
+           "not_forgotten", "plot_cka_layers", "plot_compare_knn", "plot_tsne", "tsne_embed", "write_compare_report",
+           "TABLE_COLUMNS", "REPRESENTATION_COLUMNS", "NOT_FORGOTTEN_FRACTION"]
 
 # (column title, row key, format); lower is better for FA, TFA, CKA, JS; higher for the rest.
 TABLE_COLUMNS = (("FA↓", "FA", "{:.2f}"), ("RA↑", "RA", "{:.2f}"), ("TFA↓", "TFA", "{:.2f}"),
                  ("TRA↑", "TRA", "{:.2f}"), ("CKA↓", "CKA", "{:.2f}"), ("JS↓", "JS", "{:.4f}"),
                  ("ZRF", "ZRF", "{:.4f}"), ("H-Mean↑", "H-Mean", "{:.2f}"), ("Time (s)", "time_s", "{:.1f}"))
+
+# Representation-level columns (shown when some row has them): lower is better for |IDI|, the probe's
+# forget accuracy and retrieval of forget-class neighbours; MIA is the % of D_f predicted non-member.
+REPRESENTATION_COLUMNS = (("|IDI|↓", "IDI_abs", "{:.3f}"), ("Probe TFA↓", "probe_TFA", "{:.2f}"),
+                          ("Probe TRA↑", "probe_TRA", "{:.2f}"), ("kNN forget-ret.↓", "knn_forget_retrieval", "{:.2f}"),
+                          ("kNN overlap w/ Original↓", "knn_overlap_original", "{:.1f}"), ("MIA", "MIA", "{:.2f}"),
+                          ("Act-Dist", "ActDist", "{:.4f}"))
+
+# a forget class whose test accuracy stays at or above this fraction of the original's was not forgotten
+NOT_FORGOTTEN_FRACTION = 0.5
 
 _LABELS = {"original": "Original", "retrain": "Retrained"}
 
@@ -38,10 +55,16 @@ def _fmt(v: Any, f: str) -> str:
     return f.format(v)
 
 
+def _hmean_of(row: dict[str, Any]) -> str:
+    names = row.get("hmean_of") or list(row.get("hmean_scores") or {})
+    return f"{len(names)}: " + ", ".join(names) if names else "-"
+
+
 def compare_table_markdown(metrics: dict[str, Any]) -> str:
-    """EC Table 1 layout: one row per model (original, retrained, then each method in order)."""
-    head = "| Method | " + " | ".join(c for c, _, _ in TABLE_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    """EC Table 1 layout: one row per model (original, retrained, then each method in order); the last
+    column lists the scores that row's H-Mean is over (EC's nine when all were computed)."""
+    head = "| Method | " + " | ".join(c for c, _, _ in TABLE_COLUMNS) + " | H-Mean over |"
+    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
     for name in metrics["order"]:
         row = metrics["rows"].get(name)
         if row is None:
@@ -49,13 +72,97 @@ def compare_table_markdown(metrics: dict[str, Any]) -> str:
         label = _LABELS.get(name, name)
         if row.get("status") != "ok":
             err = str(row.get("error", "?")).replace("|", "\\|").replace("\n", " ")[:200]
-            lines.append(f"| {label} | failed: {err} |" + " |" * (len(TABLE_COLUMNS) - 1))
+            lines.append(f"| {label} | failed: {err} |" + " |" * len(TABLE_COLUMNS))
             continue
         cells = [_fmt(row.get(k), f) for _, k, f in TABLE_COLUMNS]
         if row.get("resumed") and cells[-1] != "-":
             cells[-1] += " (resumed: this process only)"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_hmean_of(row)} |")
     return "\n".join(lines)
+
+
+def _ok_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(n, metrics["rows"][n]) for n in metrics["order"] if metrics["rows"].get(n, {}).get("status") == "ok"]
+
+
+def representation_table_markdown(metrics: dict[str, Any]) -> str:
+    """The representation-level metrics that some row has; k-NN downstream cells read "acc (gap)" (EC
+    Table 1: the gap to Retrained). Empty string when no row has any."""
+    rows = _ok_rows(metrics)
+    cols = [c for c in REPRESENTATION_COLUMNS if any(r.get(c[1]) is not None for _, r in rows)]
+    knn = list(dict.fromkeys(k for _, r in rows for k in (r.get("knn") or {})))
+    if not any(k != "ActDist" for _, k, _ in cols) and not knn:
+        return ""
+    head = "| Method | " + " | ".join([c for c, _, _ in cols] + [f"kNN {k}↑ (gap↓)" for k in knn]) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + len(knn) + 1)]
+    for name, r in rows:
+        cells = [_fmt(r.get(k), f) for _, k, f in cols]
+        for k in knn:
+            a, g = (r.get("knn") or {}).get(k), (r.get("knn_gap") or {}).get(k)
+            cells.append(_fmt(a, "{:.2f}") + (f" ({abs(g):.2f})" if g is not None else ""))
+        lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def not_forgotten(metrics: dict[str, Any], fraction: float = NOT_FORGOTTEN_FRACTION) -> list[tuple[str, int, float, float]]:
+    """``(method, class, its TFA, the original's TFA)`` for every forget class whose test accuracy under a
+    method stays >= ``fraction`` x the original's (a class the method did not forget)."""
+    orig = (metrics["rows"].get("original") or {}).get("per_class") or {}
+    out = []
+    for name, r in _ok_rows(metrics):
+        if name in ("original", "retrain"):
+            continue
+        for c, v in (r.get("per_class") or {}).items():
+            o = (orig.get(c) or orig.get(str(c)) or {}).get("TFA")
+            t = v.get("TFA")
+            if o is not None and t is not None and not math.isnan(o) and not math.isnan(t) and o > 0 and t >= fraction * o:
+                out.append((name, int(c), float(t), float(o)))
+    return out
+
+
+def per_class_table_markdown(metrics: dict[str, Any], class_names: Sequence[str] = ()) -> str:
+    """One row per model, per forget class ``FA / TFA`` (%) and ``JS / Act-Dist`` to Retrained; a class
+    that was not forgotten (:func:`not_forgotten`) is marked with "⚠"."""
+    rows = _ok_rows(metrics)
+    classes = [int(c) for c in metrics.get("forget", [])]
+    if not rows or not classes or not any(r.get("per_class") for _, r in rows):
+        return ""
+    flags = {(n, c) for n, c, _, _ in not_forgotten(metrics)}
+    nm = lambda c: f"{c} ({class_names[c]})" if c < len(class_names) and str(class_names[c]) != str(c) else str(c)  # noqa: E731
+    head = "| Method | " + " | ".join(f"class {nm(c)}: FA / TFA | JS / Act-Dist" for c in classes) + " |"
+    lines = [head, "|" + "---|" * (2 * len(classes) + 1)]
+    for name, r in rows:
+        pc = r.get("per_class") or {}
+        cells = []
+        for c in classes:
+            v = pc.get(c) or pc.get(str(c)) or {}
+            mark = " ⚠" if (name, c) in flags else ""
+            cells.append(f"{_fmt(v.get('FA'), '{:.2f}')} / {_fmt(v.get('TFA'), '{:.2f}')}{mark}")
+            cells.append(f"{_fmt(v.get('JS'), '{:.4f}')} / {_fmt(v.get('ActDist'), '{:.4f}')}")
+        lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_compare_knn(metrics: dict[str, Any], data, path: Path, max_models: int = 6, query: int = 0) -> Path | None:
+    """EC Fig. 4 from the rows' ``knn_examples``: the ``query``-th forget test image and each model's top-k
+    train neighbours (Original, Retrained, then the methods in order; at most ``max_models`` rows).
+    ``data``: the run's ``DataBundle``. None when no row has retrieval examples."""
+    from unlearn_fast.evaluation.knn import plot_knn_retrieval
+
+    rows = [(n, r) for n, r in _ok_rows(metrics) if (r.get("knn_examples") or {}).get("queries")]
+    if not rows:
+        return None
+    q = rows[0][1]["knn_examples"]["queries"]
+    query = min(query, len(q) - 1)
+    qi = int(q[query])
+    nb = {}
+    for name, r in rows[:max_models]:
+        ex = r["knn_examples"]
+        if int(ex["queries"][min(query, len(ex["queries"]) - 1)]) != qi:
+            continue
+        nb[_LABELS.get(name, name)] = [data.train[int(j)] for j in ex["neighbors"][query]]
+    return plot_knn_retrieval(data.test[qi], nb, metrics.get("forget", []), data.class_names, path,
+                              tuple(data.mean), tuple(data.std))
 
 
 def plot_cka_layers(metrics: dict[str, Any], path: Path) -> Path:
@@ -118,6 +225,36 @@ def plot_tsne(panels: dict[str, tuple[np.ndarray, np.ndarray]], forget: Sequence
     return save_figure(fig, path)
 
 
+def _representation_note(metrics: dict[str, Any]) -> str:
+    rows = [r for _, r in _ok_rows(metrics)]
+    parts = []
+    idi = next((r["idi"] for r in rows if r.get("idi")), None)
+    if idi:
+        c = idi.get("config", {})
+        parts.append(f"|IDI|: signed IDI = sum_l [I_u - I_r] / sum_l [I_o - I_r] (card 1), InfoNCE critics on layers "
+                     f"{', '.join(idi.get('layers', []))}; forget-membership label, H(Y) = {idi.get('H_Y', float('nan')):.3f} "
+                     f"nats; critic settings batch {c.get('batch_size')}, {c.get('epochs')} epochs x <= {c.get('max_steps')} "
+                     f"steps, d = {c.get('dim')}, lr {c.get('lr_suffix')} / {c.get('lr_head')}, {c.get('seeds')} seed(s), "
+                     f"read out on the {c.get('eval_split')} split" + (" (EC App. B.6 setting)." if c.get("batch_size") == 512
+                                                                       and c.get("epochs") == 5 else " (the cheap CPU setting, not EC App. B.6's)."))
+    pr = next((r for r in rows if r.get("probe_TFA") is not None), None)
+    if pr:
+        parts.append(f"Probe: a fresh linear head on the frozen penultimate features, {pr.get('n_probe')} train samples "
+                     f"({pr.get('fraction', 0) * 100:g}% per class, >= {pr.get('min_per_class')}), accuracy on the forget / "
+                     "retain test classes (card 12).")
+    if any(r.get("knn_forget_retrieval") is not None for r in rows):
+        parts.append("kNN forget-ret.: % of the 5 cosine nearest train neighbours of forget test queries that are forget-"
+                     "class samples; overlap: % of those neighbours shared with the original model's (EC Fig. 4).")
+    if any(r.get("knn") for r in rows):
+        parts.append("kNN downstream: k = 5 cosine on penultimate features, 80/20 split seed 2, accuracy (|gap| to Retrained).")
+    mi = next((r for r in rows if r.get("MIA") is not None), None)
+    if mi:
+        parts.append(f"MIA: SVC-MIA efficacy, % of D_f predicted non-member (higher = more forgotten; Retrained ~100), "
+                     f"feature `{mi.get('mia_feature')}`, attack `{mi.get('mia_attack')}`, {mi.get('n_shadow')} shadow "
+                     "members + non-members (retain train vs retain test).")
+    return " ".join(parts)
+
+
 def write_compare_report(run_dir: str | Path, metrics: dict[str, Any], figures: dict[str, str] | None = None) -> Path:
     """Write ``report.md``: the command/settings, the table, failures and the figures."""
     run_dir = Path(run_dir)
@@ -131,9 +268,23 @@ def write_compare_report(run_dir: str | Path, metrics: dict[str, Any], figures: 
              "FA/RA: forget/retain accuracy on the train split, TFA/TRA on the test split (%). CKA: linear CKA x100 "
              f"to the original model on the test forget set at `{metrics.get('cka_layer', '?')}` (the layer before "
              "the classifier). JS: mean JS divergence to the retrained model on the test forget set (nats). "
-             "ZRF: 1 - mean JS to a randomly initialised model. H-Mean: harmonic mean of 100-FA, 100-TFA, "
-             "100-CKA, RA, TRA (EC App. B.6 without its k-NN and IDI terms). Time: wall clock of the method.", "",
+             "ZRF: 1 - mean JS to a randomly initialised model. H-Mean (EC App. B.6 Eq. 4-5): harmonic mean of "
+             "the normalised scores that were computed - 100-FA, RA, 100-TFA, TRA, 100-|gap| per k-NN downstream "
+             "set, 100-CKA, 100*clip(1-|IDI|, 0.1, 1) - listed in the last column (EC's nine when IDI and three "
+             "downstream sets are present). Time: wall clock of the method.", "",
              compare_table_markdown(metrics), ""]
+    rep = representation_table_markdown(metrics)
+    if rep:
+        lines += ["## Inside the network", "", _representation_note(metrics), "", rep, ""]
+    pc = per_class_table_markdown(metrics, names)
+    if pc:
+        lines += ["## Per forget class", "",
+                  f"FA / TFA (%) of each forget class; JS / Act-Dist to the retrained model on its test samples. "
+                  f"⚠: TFA at or above {NOT_FORGOTTEN_FRACTION:.0%} of the original's - the class was not forgotten.",
+                  "", pc, ""]
+        nf = not_forgotten(metrics)
+        if nf:
+            lines += ["Not forgotten: " + "; ".join(f"`{n}` class {c} (TFA {t:.2f}, original {o:.2f})" for n, c, t, o in nf), ""]
     pre = [r["ec_pretrain_s"] for r in metrics["rows"].values() if r.get("ec_pretrain_s") is not None]
     if pre:
         lines += [f"EC-family times (`ec`, `*+ec`) include the SupCon pre-training of the EC modules ({pre[0]:.1f} s): "
@@ -144,7 +295,8 @@ def write_compare_report(run_dir: str | Path, metrics: dict[str, Any], figures: 
         lines += [f"- `{n}`: {metrics['rows'][n].get('error')}" for n in failed]
         lines.append("")
     for key, title in (("cka_layers", "Layer-wise CKA to the original model (EC Fig. 2)"),
-                       ("tsne", "t-SNE of forget vs nearest retain classes (EC Fig. 3)")):
+                       ("tsne", "t-SNE of forget vs nearest retain classes (EC Fig. 3)"),
+                       ("knn", "k-NN retrieval of a forget-class query (EC Fig. 4)")):
         if figures and figures.get(key):
             lines += [f"## {title}", "", f"![{key}]({figures[key]})", ""]
     if metrics.get("tsne_note"):

@@ -266,16 +266,17 @@ def _estimate_layer(model: nn.Module, layer: str, classifier: str, train: Datase
         opt = (torch.optim.Adam(groups) if cfg.optimizer == "adam" else torch.optim.SGD(groups, lr=cfg.lr_head, momentum=0.9))
         gen = torch.Generator().manual_seed(seed)
         critic.train()
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(train), generator=gen).tolist()
-            loader = DataLoader(train, batch_size=cfg.batch_size, sampler=order, drop_last=len(train) > cfg.batch_size)
-            for step, (x, y) in enumerate(loader):
-                if step >= cfg.max_steps:
-                    break
-                loss = -infonce_binary(critic(x.to(device)), torch.as_tensor(y).to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        with torch.enable_grad():  # callers may run under no_grad (evaluate_unlearned)
+            for _ in range(cfg.epochs):
+                order = torch.randperm(len(train), generator=gen).tolist()
+                loader = DataLoader(train, batch_size=cfg.batch_size, sampler=order, drop_last=len(train) > cfg.batch_size)
+                for step, (x, y) in enumerate(loader):
+                    if step >= cfg.max_steps:
+                        break
+                    loss = -infonce_binary(critic(x.to(device)), torch.as_tensor(y).to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
         return _read_out(critic, evald, device, max(cfg.batch_size, 256))
     finally:
         critic.close()

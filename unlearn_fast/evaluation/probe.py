@@ -53,6 +53,7 @@ class LinearProbe(nn.Module):
         with torch.no_grad():
             self.linear.weight.copy_(weight)
             self.linear.bias.copy_(bias)
+        self.linear.requires_grad_(False)
 
     def forward(self, f: Tensor) -> Tensor:
         return self.linear((f.to(self.mean.dtype) - self.mean) / self.std)

@@ -6,7 +6,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report", "wf_table_markdown"]
+from unlearn_fast.evaluation.health import FORGET_TOL
+from unlearn_fast.run_files import atomic_write_text
+
+__all__ = ["write_report", "wf_table_markdown", "health_markdown"]
 
 
 def _fmt(v: Any, nd: int = 1) -> str:
@@ -27,6 +30,26 @@ def wf_table_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def health_markdown(health: dict[str, Any] | None) -> list[str]:
+    """The verdict section of a report: status, reasons, notes and the stages' step counts."""
+    if not health:
+        return ["## Health: UNKNOWN", "", "This metrics.json has no verdict (made by an older version): evaluate again.", ""]
+    mark = {"ok": "OK", "warn": "WARN ⚠", "fail": "FAIL ✗"}[health["status"]]
+    lines = [f"## Health: {mark}", ""]
+    lines += [f"- {r}" for r in health.get("reasons", [])] or ["- no problem found"]
+    if health.get("notes"):
+        lines += ["", "Adapted to the data:"] + [f"- {n}" for n in health["notes"]]
+    stages = health.get("stages") or {}
+    if stages:
+        lines += ["", "| stage | optimizer steps | floor | epochs | early-stopped | time (s) | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, st in stages.items():
+            lines.append(f"| {name} | {st.get('steps')} | {st.get('min_steps', 0)} | {_fmt(st.get('epochs'))} | "
+                         f"{'yes' if st.get('stopped_early') else 'no'} | {_fmt(st.get('seconds'))} | "
+                         f"{st.get('verdict', {}).get('status', '-')} |")
+    return lines + [""]
+
+
 def _per_class_table(metrics: dict[str, Any]) -> str:
     t = metrics["splits"]["test"]
     tr = metrics["splits"].get("train", {}).get("wf")
@@ -44,7 +67,7 @@ def _per_class_table(metrics: dict[str, Any]) -> str:
                   _fmt(w["zrf"][c], 3), _fmt(ins.get("insertion", [None] * len(names))[c], 3),
                   _fmt(ins.get("deletion", [None] * len(names))[c], 3), _fmt(t["original"]["acc_f"][c]),
                   _fmt(t.get("retrained", {}).get("acc_r", [None] * len(names))[c])]
-        flag = " ⚠ not forgotten" if w["acc_f"][c] > 10 else ""
+        flag = " ⚠ not forgotten" if w["acc_f"][c] > FORGET_TOL else ""
         lines.append("| " + " | ".join(cells) + " |" + flag)
     return "\n".join(lines)
 
@@ -77,16 +100,23 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None, fig
     if info:
         lines += [f"- model `{info.get('model')}`, data `{info.get('data')}`, device `{info.get('device')}`, "
                   f"seed {info.get('seed')}", ""]
+    lines += health_markdown(metrics.get("health"))
+    ev = metrics.get("evaluation")
+    if ev:
+        lines += [f"Evaluated on: {', '.join(ev['splits'])}"
+                  + (f" (train split: {ev['train_images']} images, stratified)" if "train" in ev["splits"] else ""), ""]
     lines += ["## WF-Net, all classes in one untraining round (test split, mean over classes)", "",
               "Shaped like WF-Net Table 1. Acc_r / Acc_f of the original model are its accuracy on the other "
               "classes / on class c; retrained = one model per class trained without it. Act-Dist and JS-Div "
               "are against the retrained model on the forget-class test images; ZRF against a randomly "
               "initialised copy (WF Eq. 4).", "", wf_table_markdown(metrics), ""]
     wf_row = s["rows"]["wf"]
-    not_forgotten = [metrics["class_names"][c] for c, v in enumerate(metrics["splits"]["test"]["wf"]["acc_f"]) if v > 10]
+    not_forgotten = [metrics["class_names"][c] for c, v in enumerate(metrics["splits"]["test"]["wf"]["acc_f"]) if v > FORGET_TOL]
     lines += [f"- worst-forgotten class: Acc_f = {_fmt(s['max_acc_f'])}%"
-              + (f" — **not forgotten (Acc_f > 10%)**: {', '.join(not_forgotten)}" if not_forgotten else " (every class ≤ 10%)"),
-              f"- train split: Acc_r {_fmt(wf_row.get('acc_r_train'))}%, Acc_f {_fmt(wf_row.get('acc_f_train'))}%"]
+              + (f" — **not forgotten (Acc_f > {FORGET_TOL:.0f}%)**: {', '.join(not_forgotten)}" if not_forgotten
+                 else f" (every class ≤ {FORGET_TOL:.0f}%)")]
+    if "acc_r_train" in wf_row:
+        lines.append(f"- train split: Acc_r {_fmt(wf_row.get('acc_r_train'))}%, Acc_f {_fmt(wf_row.get('acc_f_train'))}%")
     if "insertion" in s:
         lines.append(f"- insertion {s['insertion']:.3f} (↑), deletion {s['deletion']:.3f} (↓)")
     if "timing" in metrics:
@@ -95,5 +125,5 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None, fig
     if figs:
         lines += ["## Figures", ""] + [f"![{k}](figures/{p.name})" for k, p in figs.items()] + [""]
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines))
+    atomic_write_text(out, "\n".join(lines))
     return out

@@ -4,6 +4,10 @@ Metrics (accuracies and CKA in %, JS in nats, ZRF in [0, 1]):
 
 * ``FA`` / ``RA``: accuracy on the forget / retain classes of the **train** split;
   ``TFA`` / ``TRA``: the same on the **test** split.
+* ``per_class[c]`` for every forget class c: ``FA``, ``TFA`` (its own train / test accuracy), ``JS`` and
+  ``ActDist`` (WF paper Act-Dist: mean L2 distance between the softmax vectors) to the retrained model on
+  its test samples, so that a class that was not forgotten does not hide in the mean. ``ActDist``: the
+  same over all of D_f^te.
 * ``CKA``: linear CKA (exact, fp64 streaming sufficient statistics) between the model's and the
   *original* model's features on the test forget set D_f^te, x100, at the penultimate layer - the
   input of the final classifier, i.e. the layer before it in ``models.feature_layers`` (EC Sec. 4.1:
@@ -14,20 +18,24 @@ Metrics (accuracies and CKA in %, JS in nats, ZRF in [0, 1]):
   retrained without the forget classes, on D_f^te (lower = closer to the gold standard).
 * ``ZRF``: 1 - mean JS(model, randomly initialised copy of the architecture) on D_f^te
   (WF Eq. 4 / Chundawat et al.; the forward-KL JS of card 12, not the bad-teaching code's variant).
+* Representation metrics, when asked (``representation=``, :mod:`.representation`): ``IDI`` (signed) /
+  ``IDI_abs``, the linear-probe attack ``probe_TFA`` / ``probe_TRA``, k-NN retrieval
+  ``knn_forget_retrieval`` / ``knn_overlap_original`` and downstream ``knn[name]`` / ``knn_gap[name]``
+  (``knn_data=`` specs), SVC-MIA ``MIA`` (% of D_f predicted non-member).
 * ``H-Mean`` (EC App. B.6, Eq. 4-5): the harmonic mean of the normalised scores in [0, 100], larger
-  is better, over the EC scores that are available here: s_FA = 100 - FA, s_TFA = 100 - TFA,
-  s_CKA = 100 - CKA, s_RA = RA, s_TRA = TRA (five of EC's nine; EC's k-NN downstream gaps,
-  s_kNN = 100 - |gap|, and s_IDI = 100 * clip(1 - |IDI|, 0.1, 1) enter through
-  :func:`hmean_scores` when given). JS and ZRF are reported but are not part of EC's H-Mean.
-  A score of 0 gives H-Mean 0.
+  is better, over every EC score that was computed: s_FA = 100 - FA, s_RA = RA, s_TFA = 100 - TFA,
+  s_TRA = TRA, s_kNN = 100 - |gap| per downstream set, s_CKA = 100 - CKA, s_IDI = 100 * clip(1 - |IDI|,
+  0.1, 1). ``hmean_of`` lists them; with three downstream sets it is exactly EC's nine. JS, ZRF, the
+  probe, retrieval and MIA are reported but are not part of EC's H-Mean. A score of 0 gives H-Mean 0.
 
 Passes: the model runs once over the train split and once over the test split; the original,
-retrained and random models run once over D_f^te only (their features are hooked in that pass).
+retrained and random models run once over D_f^te only (their features are hooked in that pass); the
+representation metrics add their own passes.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,24 +56,30 @@ def h_mean(scores: Sequence[float]) -> float:
 
 
 def hmean_scores(FA: float | None = None, RA: float | None = None, TFA: float | None = None,
-                 TRA: float | None = None, CKA: float | None = None, knn_gaps: Sequence[float] = (),
+                 TRA: float | None = None, CKA: float | None = None,
+                 knn_gaps: Mapping[str, float] | Sequence[float] | None = (),
                  IDI: float | None = None) -> dict[str, float]:
-    """EC Eq. 5 normalised scores (all in [0, 100], larger is better) of the metrics given (in %)."""
+    """EC Eq. 5 normalised scores (all in [0, 100], larger is better) of the metrics given (in %), in EC
+    Table 1's column order. ``knn_gaps``: ``{downstream name: gap}`` (keys ``kNN:<name>``) or a list
+    (keys ``kNN0``, ``kNN1``, ...). Missing (None) and NaN metrics are left out."""
     s: dict[str, float] = {}
     if FA is not None:
         s["FA"] = 100.0 - FA
-    if TFA is not None:
-        s["TFA"] = 100.0 - TFA
-    if CKA is not None:
-        s["CKA"] = 100.0 - CKA
     if RA is not None:
         s["RA"] = float(RA)
+    if TFA is not None:
+        s["TFA"] = 100.0 - TFA
     if TRA is not None:
         s["TRA"] = float(TRA)
-    for i, g in enumerate(knn_gaps):
-        s[f"kNN{i}"] = 100.0 - abs(g)
+    items = (knn_gaps.items() if isinstance(knn_gaps, Mapping)
+             else ((None, g) for g in (knn_gaps or ())))
+    for i, (name, g) in enumerate(items):
+        if g is not None:
+            s[f"kNN:{name}" if name is not None else f"kNN{i}"] = 100.0 - abs(float(g))
+    if CKA is not None:
+        s["CKA"] = 100.0 - CKA
     if IDI is not None:
-        s["IDI"] = 100.0 * min(max(1.0 - abs(IDI), 0.1), 1.0)
+        s["IDI"] = 100.0 * min(max(1.0 - abs(float(IDI)), 0.1), 1.0)
     return {k: min(max(v, 0.0), 100.0) for k, v in s.items() if not math.isnan(v)}
 
 
@@ -123,10 +137,14 @@ def penultimate_layer(model: nn.Module) -> str:
 class _Acc:
     """Correct / total counts on the forget and the retain classes."""
 
-    def __init__(self, forget: Tensor) -> None:
+    def __init__(self, forget: Tensor, num_classes: int | None = None) -> None:
         self.forget = forget
         self.c = torch.zeros(2, dtype=torch.float64)
         self.n = torch.zeros(2, dtype=torch.float64)
+        self.k = num_classes
+        if num_classes is not None:
+            self.cc = torch.zeros(num_classes, dtype=torch.float64)
+            self.nc = torch.zeros(num_classes, dtype=torch.float64)
 
     def update(self, logits: Tensor, y: Tensor) -> None:
         f = torch.isin(y, self.forget.to(y.device))
@@ -134,9 +152,17 @@ class _Acc:
         for i, m in enumerate((f, ~f)):
             self.c[i] += ok[m].sum().cpu()
             self.n[i] += m.sum().cpu()
+        if self.k is not None:
+            yc = y.long().cpu()
+            self.cc += torch.bincount(yc, weights=ok.cpu(), minlength=self.k)
+            self.nc += torch.bincount(yc, minlength=self.k).double()
 
     def result(self) -> tuple[float, float]:
         return tuple(float(100 * self.c[i] / self.n[i]) if self.n[i] > 0 else float("nan") for i in range(2))
+
+    def per_class(self, classes: Sequence[int]) -> dict[int, float]:
+        """Accuracy (%) of each class in ``classes`` (NaN for a class without samples)."""
+        return {int(c): float(100 * self.cc[c] / self.nc[c]) if self.nc[c] > 0 else float("nan") for c in classes}
 
 
 @torch.no_grad()
@@ -169,18 +195,27 @@ def _pct(v: Any) -> float:
 def evaluate_unlearned(model: nn.Module, original: nn.Module, data, forget: Sequence[int], *,
                        retrained: nn.Module | None = None, layers: Sequence[str] | None = None,
                        device: torch.device | str | None = None, batch_size: int = 512, seed: int = 0,
-                       random_model: nn.Module | None = None, progress: bool = False) -> dict[str, Any]:
+                       random_model: nn.Module | None = None, progress: bool = False,
+                       representation: Any = None, knn_data: str | Sequence[str] | None = None,
+                       representation_options: dict[str, Any] | None = None,
+                       cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """All metrics of the module docstring for ``model`` after forgetting ``forget`` (class ids).
 
     ``data``: the run's ``DataBundle``; ``retrained``: the model trained without all forget classes
-    (``JS`` and ``cka_retrain_layers`` are ``None`` without it); ``layers``: CKA layers (default: every
-    ``models.feature_layers`` name; the penultimate layer is always added); ``random_model``: ZRF's
-    random copy (default: :func:`random_model_like` of ``original`` with ``seed``).
+    (``JS``, ``ActDist``, per-class JS / Act-Dist and ``cka_retrain_layers`` are ``None`` without it);
+    ``layers``: CKA layers (default: every ``models.feature_layers`` name; the penultimate layer is always
+    added); ``random_model``: ZRF's random copy (default: :func:`random_model_like` of ``original`` with
+    ``seed``). ``representation``: ``"all"`` or a list of ``idi``, ``probe``, ``knn``, ``mia``;
+    ``knn_data``: downstream data spec(s) for k-NN (turns ``knn`` on); ``representation_options``: fields
+    of :class:`unlearn_fast.evaluation.representation.RepresentationOptions` (e.g. ``{"idi": "ec",
+    "mia_attack": "rff"}``); ``cache``: a dict kept across the models of one comparison (the reference
+    models' IDI, retrieval and downstream results are computed once).
     Returns a JSON-serialisable dict (floats; NaN where a set is empty).
     """
+    from unlearn_fast.evaluation.representation import RepresentationOptions, representation_metrics
     from tqdm.auto import tqdm
 
-    from unlearn_fast.evaluation.metrics import ZRF, FeatureHooks, JSDivergence, LinearCKA
+    from unlearn_fast.evaluation.metrics import ZRF, ActivationDistance, FeatureHooks, JSDivergence, LinearCKA
     from unlearn_fast.models import feature_layers
 
     for m, what in ((model, "unlearned"), (original, "original")) + (((retrained, "retrained"),) if retrained is not None else ()):
@@ -188,6 +223,7 @@ def evaluate_unlearned(model: nn.Module, original: nn.Module, data, forget: Sequ
     forget = sorted({int(c) for c in forget})
     if not forget or any(not 0 <= c < data.num_classes for c in forget):
         raise ValueError(f"evaluate_unlearned: forget classes {forget} must be a non-empty subset of 0..{data.num_classes - 1}")
+    rep_opts = RepresentationOptions.make(representation, knn_data, **(representation_options or {}))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     pen = penultimate_layer(model)
     layers = list(layers) if layers is not None else feature_layers(model, model.unlearn_fast_name)
@@ -199,18 +235,21 @@ def evaluate_unlearned(model: nn.Module, original: nn.Module, data, forget: Sequ
             m.eval()
     ft = torch.tensor(forget, device=device)
 
-    acc_train = _Acc(ft)
+    acc_train = _Acc(ft, data.num_classes)
     for x, y in tqdm(_loader(data.train, batch_size), desc="eval train", disable=not progress, leave=False):
         acc_train.update(model(x.to(device)).float(), y.to(device))
 
-    acc_test = _Acc(ft)
+    acc_test = _Acc(ft, data.num_classes)
     cka_o = LinearCKA(model, original, layers)
     cka_o.remove_hooks()
     cka_r = None
     if retrained is not None:
         cka_r = LinearCKA(model, retrained, layers)
         cka_r.remove_hooks()
-    js, zrf = JSDivergence(), ZRF()
+    js, ad, zrf = JSDivergence(), ActivationDistance(), ZRF()
+    js_c, ad_c = JSDivergence(num_groups=len(forget)), ActivationDistance(num_groups=len(forget))
+    group_of = torch.full((data.num_classes,), -1, dtype=torch.long, device=device)
+    group_of[ft] = torch.arange(len(forget), device=device)
     grabs = {"u": FeatureHooks(model, layers), "o": FeatureHooks(original, layers)}
     if retrained is not None:
         grabs["r"] = FeatureHooks(retrained, layers)
@@ -232,6 +271,10 @@ def evaluate_unlearned(model: nn.Module, original: nn.Module, data, forget: Sequ
                 r = retrained(xf).float()
                 cka_r.update_features(fu, grabs["r"].take())
                 js.update(uf, r)
+                ad.update(uf, r)
+                g = group_of[y[f]]
+                js_c.update(uf, r, g)
+                ad_c.update(uf, r, g)
             zrf.update(uf, rand(xf).float())
     finally:
         for g in grabs.values():
@@ -245,13 +288,26 @@ def evaluate_unlearned(model: nn.Module, original: nn.Module, data, forget: Sequ
     if cka_r is not None:
         cka_ret = dict(zip(layers, (_pct(v) for v in cka_r.compute()["cka"]))) if n_forget_test else {k: nan for k in layers}
     CKA = cka_layers[pen]
-    scores = hmean_scores(FA=FA, RA=RA, TFA=TFA, TRA=TRA, CKA=CKA)
+    have_r = retrained is not None and n_forget_test > 0
+    js_per = js_c.compute().tolist() if have_r else [None] * len(forget)
+    ad_per = ad_c.compute().tolist() if have_r else [None] * len(forget)
+    fa_c, tfa_c = acc_train.per_class(forget), acc_test.per_class(forget)
+    per_class = {c: {"FA": fa_c[c], "TFA": tfa_c[c], "JS": js_per[i], "ActDist": ad_per[i],
+                     "n_train": int(acc_train.nc[c]), "n_test": int(acc_test.nc[c])} for i, c in enumerate(forget)}
+    rep: dict[str, Any] = {}
+    if rep_opts.metrics:
+        rep = representation_metrics(model, original, retrained, data, forget, rep_opts, device=device, seed=seed,
+                                     batch_size=batch_size, cache=cache)
+    scores = hmean_scores(FA=FA, RA=RA, TFA=TFA, TRA=TRA, CKA=CKA, knn_gaps=rep.get("knn_gap"), IDI=rep.get("IDI"))
     return {
         "FA": FA, "RA": RA, "TFA": TFA, "TRA": TRA, "CKA": CKA,
-        "JS": float(js.compute()) if retrained is not None and n_forget_test else None,
+        "JS": float(js.compute()) if have_r else None,
+        "ActDist": float(ad.compute()) if have_r else None,
         "ZRF": float(zrf.compute()) if n_forget_test else nan,
         "H-Mean": h_mean(list(scores.values())),
-        "hmean_scores": scores,
+        "hmean_scores": scores, "hmean_of": list(scores),
+        "per_class": per_class,
+        **rep,
         "cka_layer": pen, "cka_layers": cka_layers, "cka_retrain_layers": cka_ret,
         "CKA_retrain": cka_ret[pen] if cka_ret is not None else None,
         "cka_estimator": "exact", "forget": forget,

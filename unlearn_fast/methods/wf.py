@@ -47,7 +47,7 @@ GATE_LAYERS = ("all", "skip_first", "last")
 REG_FORMS = ("layer_mean", "sqrt")
 SELECT = ("loss", "hmean")
 # the paper's behaviour for every fidelity lever (part of preset="paper")
-PAPER_LEVERS = {"select": "loss", "forget_stop": None, "forget_frac": 0.5, "reg_form": "layer_mean",
+PAPER_LEVERS = {"alpha_init": 3.0, "alpha_clip": 3.0, "select": "loss", "forget_stop": None, "forget_frac": 0.5, "reg_form": "layer_mean",
                 "reg_layer_weights": None, "gate_layers": "all", "gate_bias": True, "polish_steps": 0}
 
 
@@ -196,8 +196,8 @@ class WF(Method):
         grad_accum: int = 16
         chi: int = 3                          # label expansion: retain copies per retain sample (Alg. 2)
         lambdas: tuple[float, float, float] | None = None   # None: (1,10,1) CNN / (1,100,1) ViT
-        alpha_init: float = 3.0
-        alpha_clip: float = 3.0
+        alpha_init: float = 6.0               # gate ceiling: sigmoid(6) = 0.998 (paper 3: sigmoid(3) = 0.953 scales every layer)
+        alpha_clip: float = 6.0               # alphas clipped to [-alpha_clip, alpha_clip] after each step (paper 3)
         max_epochs: int = 100
         max_steps: int | None = None
         patience: int | None = 10

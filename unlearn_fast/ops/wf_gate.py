@@ -12,20 +12,41 @@ from torch import Tensor
 from unlearn_fast.ops.backend import resolve
 from unlearn_fast.reference import wf_gate as ref
 
-__all__ = ["wf_conv2d", "wf_linear"]
+__all__ = ["wf_conv2d", "wf_linear", "check_labels", "mark_labels_checked"]
+
+
+_CHECKED = "_unlearn_fast_labels_ok"  # attribute on a labels tensor: (its _version, classes it was checked for)
 
 
 def check_labels(labels: Tensor, batch: int, num_classes: int, *, check_range: bool = True) -> None:
-    """Gate labels must be ``[batch]`` integers in ``[0, num_classes)``. The range check reads the
-    labels on the host (a device sync): callers on CUDA do it once per forward, not once per layer."""
+    """Gate labels must be ``[batch]`` integers in ``[0, num_classes)`` (IndexError otherwise, the
+    reference's error type, raised before any kernel launches). The range check reads min/max on the
+    host - a device sync on CUDA - once per labels tensor: a passing check is remembered on the tensor
+    (keyed by its version counter, so an in-place change re-checks), and every later layer of the same
+    forward skips it. Skipped while ``torch.compile`` traces (``WFModel`` checks outside the graph)."""
     if labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"forget labels must be [B]={batch} gate rows, got shape {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"forget labels must be an integer tensor, got {labels.dtype}")
-    if check_range and labels.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            raise IndexError(f"forget labels must lie in [0, {num_classes}), got range [{lo}, {hi}]")
+    if not check_range or not labels.numel() or torch.compiler.is_compiling():
+        return
+    ok = getattr(labels, _CHECKED, None)
+    if ok is not None and ok[0] == labels._version and num_classes >= ok[1]:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if lo < 0 or hi >= num_classes:
+        raise IndexError(f"forget labels must lie in [0, {num_classes}), got range [{lo}, {hi}]; "
+                         "pass one gate row (class index) per sample")
+    mark_labels_checked(labels, hi + 1)
+
+
+def mark_labels_checked(labels: Tensor, num_classes: int) -> None:
+    """Record that ``labels`` lie in ``[0, num_classes)`` (e.g. for labels derived from checked ones by
+    ``repeat_interleave``), so :func:`check_labels` skips its host sync for them."""
+    try:
+        setattr(labels, _CHECKED, (labels._version, int(num_classes)))
+    except (AttributeError, RuntimeError):  # e.g. a tensor subclass without __dict__
+        pass
 
 
 def _check(x: Tensor, weight: Tensor, alpha_w: Tensor, alpha_b: Tensor | None, labels: Tensor) -> None:
@@ -33,8 +54,8 @@ def _check(x: Tensor, weight: Tensor, alpha_w: Tensor, alpha_b: Tensor | None, l
         raise ValueError(f"alpha_w must be [N_classes, {weight.shape[0]}], got {tuple(alpha_w.shape)}")
     if alpha_b is not None and alpha_b.shape != alpha_w.shape:
         raise ValueError(f"alpha_b must match alpha_w {tuple(alpha_w.shape)}, got {tuple(alpha_b.shape)}")
-    # per-layer range check only where it costs no device sync (WFModel checks once per forward)
-    check_labels(labels, x.shape[0], alpha_w.shape[0], check_range=labels.device.type == "cpu")
+    # the range check syncs only for labels not already checked (WFModel checks once per forward)
+    check_labels(labels, x.shape[0], alpha_w.shape[0])
 
 
 def wf_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, alpha_w: Tensor, alpha_b: Tensor | None,

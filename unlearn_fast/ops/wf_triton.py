@@ -6,7 +6,11 @@ original layer, so ``weight`` and ``bias`` get no gradient (None) even if they r
 does not touch the output and gets None, as in the reference. The ops
 save the *output* y (not the pre-gate z: the next layer keeps y alive anyway) and recover what
 dalpha needs from it (see ``kernels/_common.py``); the alphas are expected inside WF's clip range
-[-3, 3]. The custom ops are opaque to ``torch.compile`` (no graph break, registered fake shapes).
+[-3, 3]. The custom ops are opaque to ``torch.compile`` (no graph break, registered fake shapes whose
+strides match the real outputs: ``torch.library.opcheck`` passes, channels-last included).
+
+Labels are range-checked before any kernel launches (:func:`unlearn_fast.ops.wf_gate.check_labels`, the
+same IndexError as the reference); a labels tensor already checked by ``WFModel`` costs no host sync.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from torch import Tensor
 
 from unlearn_fast.kernels import wf_conv as _kc
 from unlearn_fast.kernels import wf_linear as _kl
+from unlearn_fast.ops.wf_gate import check_labels
 
 __all__ = ["wf_conv2d_triton", "wf_linear_triton"]
 
@@ -82,6 +87,11 @@ _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # ------------------------------------------------------------------------------------------- conv
+def _is_cl(t: Tensor) -> bool:
+    """The kernels' channels-last rule (``kernels.wf_conv._empty_like_format``)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 @torch.library.custom_op("unlearn_fast::wf_conv2d_fwd", mutates_args=())
 def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha_w: Tensor, alpha_b: Optional[Tensor],
               labels: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
@@ -94,16 +104,14 @@ def _(x, weight, bias, alpha_w, alpha_b, labels, stride, padding, dilation):
     Ho = _kc.conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     Wo = _kc.conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
     out = x.new_empty((x.shape[0], weight.shape[0], Ho, Wo))
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    return out.contiguous(memory_format=torch.channels_last) if _is_cl(x) else out
 
 
 @torch.library.custom_op("unlearn_fast::wf_conv2d_bwd", mutates_args=())
 def _conv_bwd(dy: Tensor, y: Tensor, x_shape: list[int], weight: Tensor, bias: Optional[Tensor], alpha_w: Tensor,
               alpha_b: Optional[Tensor], labels: Tensor, stride: list[int], padding: list[int],
               dilation: list[int], need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    cl = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    cl = _is_cl(y)
     dy = dy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     with _dev(dy):
         dx, daw, dab = _kc.wf_conv2d_backward(dy, y, tuple(x_shape), weight, bias, alpha_w, alpha_b, labels,
@@ -115,7 +123,9 @@ def _conv_bwd(dy: Tensor, y: Tensor, x_shape: list[int], weight: Tensor, bias: O
 
 @_conv_bwd.register_fake
 def _(dy, y, x_shape, weight, bias, alpha_w, alpha_b, labels, stride, padding, dilation, need_dx):
-    dx = dy.new_empty(x_shape) if need_dx else dy.new_empty(0)
+    # the real op returns dx in y's memory format (channels-last in, channels-last out)
+    fmt = torch.channels_last if _is_cl(y) else torch.contiguous_format
+    dx = dy.new_empty(x_shape).contiguous(memory_format=fmt) if need_dx else dy.new_empty(0)
     dab = alpha_w.new_empty(alpha_w.shape) if alpha_b is not None else alpha_w.new_empty(0)
     return dx, alpha_w.new_empty(alpha_w.shape), dab
 
@@ -152,7 +162,8 @@ def _pair(v: _IntOrPair) -> list[int]:
 def wf_linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None, alpha_w: Tensor, alpha_b: Tensor | None,
                      labels: Tensor) -> Tensor:
     """Fused gated linear: ``x [B, T, F_in]`` or ``[B, F_in]`` -> ``[..., O]``. Grads for x, alpha_w, alpha_b;
-    weight and bias are frozen (no grad)."""
+    weight and bias are frozen (no grad). Labels outside ``[0, N_classes)`` raise IndexError."""
+    check_labels(labels, x.shape[0], alpha_w.shape[0])
     return _linear_fwd(x, weight, bias, alpha_w, alpha_b, labels)
 
 
@@ -163,4 +174,5 @@ def wf_conv2d_triton(x: Tensor, weight: Tensor, bias: Tensor | None, alpha_w: Te
     alpha_b; weight and bias are frozen (no grad). ``padding`` must be numeric (not 'same')."""
     if isinstance(padding, str):
         raise ValueError("wf_conv2d_triton: string padding ('same'/'valid') is not supported; pass ints")
+    check_labels(labels, x.shape[0], alpha_w.shape[0])
     return _conv_fwd(x, weight, bias, alpha_w, alpha_b, labels, _pair(stride), _pair(padding), _pair(dilation))
