@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"unknown lever(s) {bad}; known: {list(LEVERS)}")
     out = Path(args.out)
-    res = run(args.data, levers, out, args.mnist, args.width)
+    res = run(args.data, levers, out, args.mnist, args.width)  # (rows are also printed as they finish)
     tag = args.data + (f"_w{args.width}" if args.width else "")
     path = out / f"{tag}.json"
     old = json.loads(path.read_text()) if path.exists() else {}

@@ -74,7 +74,7 @@ def test_similar_request_end_to_end(digits, tmp_path):
     with pytest.raises(FileNotFoundError, match="train it first"):
         resolve_forget_request("similar:1:digits", ctx)
     unlearn_fast.train(method="original", model="small_cnn", data="digits", run_dir=run, device="cpu", progress=False,
-                       max_epochs=8)
+                       max_epochs=8, fit_to_data=False)
     raw = load_digits()
     down = tmp_path / "down"
     for cls in (3, 8):
@@ -94,7 +94,7 @@ def test_retrain_together_writes_one_model_without_all_forget_classes(digits, tm
     ctx.forget = [2, 5]
     with pytest.raises(ValueError, match="forget request"):
         create_method("retrain", together=True, max_epochs=1).run(_ctx(digits, tmp_path))
-    out = create_method("retrain", together=True, max_epochs=2).run(ctx)
+    out = create_method("retrain", together=True, max_epochs=2, fit_to_data=False).run(ctx)
     path = retrain_together_path(tmp_path, [5, 2])
     assert path.name == "f2-5.safetensors" and path.exists()
     assert retrain_together_path(tmp_path, [4]) == retrain_path(tmp_path, 4)
@@ -104,5 +104,5 @@ def test_retrain_together_writes_one_model_without_all_forget_classes(digits, tm
     with torch.no_grad():
         pred = out.model(x).argmax(1)
     assert not torch.isin(pred, torch.tensor([2, 5])).any()  # never trained on them: never predicts them
-    again = create_method("retrain", together=True, max_epochs=2).run(ctx)
+    again = create_method("retrain", together=True, max_epochs=2, fit_to_data=False).run(ctx)
     assert again.info == {"skipped": "exists"}

@@ -10,8 +10,8 @@ import yaml
 import unlearn_fast
 from unlearn_fast.cli import build_parser, main
 
-FAST_ORIG = {"max_epochs": 3, "batch_size": 32}
-FAST_WF = {"batch_size": 64, "grad_accum": 1, "max_epochs": 3, "patience": None}
+FAST_ORIG = {"max_epochs": 3, "batch_size": 32, "fit_to_data": False}
+FAST_WF = {"batch_size": 64, "grad_accum": 1, "max_epochs": 3, "patience": None, "fit_to_data": False}
 
 
 @pytest.fixture(scope="module")

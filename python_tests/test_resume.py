@@ -16,7 +16,7 @@ import unlearn_fast
 from unlearn_fast.models.io import load_tensors
 
 WF_ARGS = ["--set", "batch_size=32", "--set", "grad_accum=2", "--set", "max_epochs=4", "--set", "patience=null",
-           "--set", "evals_per_epoch=3", "--no-eval", "--quiet"]
+           "--set", "evals_per_epoch=3", "--set", "fit_to_data=false", "--no-eval", "--quiet"]
 
 
 def _cli(run_dir: Path) -> list[str]:
@@ -33,7 +33,7 @@ def _env():
 def original_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("orig")
     unlearn_fast.train(method="original", model="small_cnn", data="digits", run_dir=d, device="cpu",
-                       progress=False, max_epochs=3)
+                       progress=False, max_epochs=3, fit_to_data=False)
     return d
 
 

@@ -99,12 +99,12 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
             r = create_method("retrain", together=together, **(original_hparams or {})).run(ctx)
             stages.update(_retrain_stages(r.info))
         out = meth.run(ctx)
-        stages.update(out.info.get("stages") or {})
+        stages.update(out.info.get("stages") or _retrain_stages(out.info))
         if "skipped" not in out.info and out.info.get("stages"):
             record_time(run_dir, f"{method}_s", sum(s["seconds"] for s in out.info["stages"].values()))
         if method != "retrain":
             _write_hparams_record(run_dir, method)
-        orig_health, orig_acc = original_health(ctx)
+        orig_health, _ = original_health(ctx)
         health = merge(_data_verdict(plan), orig_health, *stage_verdicts(stages).values())
         metrics = None
         if evaluate if evaluate is not None else method == "wf":
@@ -112,8 +112,8 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
                                        splits=tuple(eval_splits), train_max=eval_train_max)
             health = merge(health, metrics["health"])
         info = dict(out.info)
-        if method == "wf" and ctx.forget:
-            info["forget_request"] = _bake_request(out.model, ctx, orig_acc)
+        if ctx.forget and method != "retrain":
+            info["forget_request"] = _forget_request_result(out.model, ctx, method)
             health = merge(health, info["forget_request"]["health"])
         return TrainResult(out.model, metrics, run_dir, info, health)
 
@@ -148,19 +148,21 @@ def _write_hparams_record(run_dir: Path, method: str) -> None:
         atomic_write_text(run_dir / f"{method}.hparams.yaml", yaml.safe_dump(_plain(meta["hparams"]), sort_keys=False))
 
 
-def _bake_request(wf, ctx, orig_acc: float) -> dict[str, Any]:
-    """Bake (one class) or compose (several) the forget request's gate rows into a plain model, save it and
-    measure it on the test split: forget-class accuracy per class and retained accuracy."""
+def _forget_request_result(model, ctx, method: str) -> dict[str, Any]:
+    """The unlearned model of a forget request measured on the test split: accuracy per forget class and on
+    the retained classes, against the original model's. WF bakes (one class) or composes (several) the
+    request's gate rows into a plain model first and saves it as ``wf-f<classes>.safetensors``."""
     from unlearn_fast.evaluation.accuracy import predict_logits
     from unlearn_fast.evaluation.health import forget_verdict, merge, retain_verdict
     from unlearn_fast.models.io import load_model, save_model
     from unlearn_fast.nn import bake, compose
 
     classes = list(ctx.forget)
-    model = bake(wf, classes[0]) if len(classes) == 1 else compose(wf, classes)
-    tag = "-".join(map(str, classes))
-    path = ctx.run_dir / f"wf-f{tag}.safetensors"
-    save_model(model, path, method="wf", forget=classes, baked=len(classes) == 1)
+    file = f"{method}.safetensors"
+    if method == "wf":
+        model = bake(model, classes[0]) if len(classes) == 1 else compose(model, classes)
+        file = f"wf-f{'-'.join(map(str, classes))}.safetensors"
+        save_model(model, ctx.run_dir / file, method="wf", forget=classes, baked=len(classes) == 1)
     original = load_model(ctx.run_dir / "original.safetensors", ctx.device)
 
     def per_class(m) -> tuple[list[float], float]:
@@ -173,9 +175,10 @@ def _bake_request(wf, ctx, orig_acc: float) -> dict[str, Any]:
     acc_f, acc_r = per_class(model)
     o_f, o_r = per_class(original)
     names = ctx.data.class_names
-    health = merge(forget_verdict(acc_f, o_f, classes, names, "wf forget request"),
-                   retain_verdict(acc_r, o_r, ctx.data.num_classes, "wf forget request"))
-    return {"classes": classes, "file": path.name, "mode": "bake" if len(classes) == 1 else "compose (experimental)",
+    what = f"{method} forget request"
+    health = merge(forget_verdict(acc_f, o_f, classes, names, what), retain_verdict(acc_r, o_r, ctx.data.num_classes, what))
+    mode = ("bake" if len(classes) == 1 else "compose (experimental)") if method == "wf" else "unlearned"
+    return {"classes": classes, "file": file, "mode": mode,
             "acc_f": dict(zip(map(str, classes), acc_f)), "acc_r": acc_r, "original_acc_f": dict(zip(map(str, classes), o_f)),
             "original_acc_r": o_r, "health": health}
 

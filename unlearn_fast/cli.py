@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -288,7 +289,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from unlearn_fast.evaluation.compare_report import compare_table_markdown
 
     keys = ["run_dir", "device", "model", "data", "seed", "img_size", "in_chans", "forget", "methods", "tsne_method", "threads",
-            "max_per_class", "data_fraction"]
+            "max_per_class", "data_fraction", "representation", "knn_data", "idi"]
     file_cfg = _load_config(getattr(args, "config", None), [*keys, "hparams", "original_hparams"])
     cfg = {**file_cfg, **{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}}
     _set_threads(cfg.get("threads"))
@@ -305,7 +306,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     forget = cfg["forget"]
     forget = ",".join(map(str, forget)) if isinstance(forget, list) else str(forget)
     kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "tsne_method",
-                              "max_per_class", "data_fraction") if cfg.get(k) is not None}
+                              "max_per_class", "data_fraction", "representation", "knn_data") if cfg.get(k) is not None}
+    if cfg.get("idi") is not None:
+        kw["representation_options"] = {"idi": cfg["idi"]}
     res = unlearn_fast.compare(methods=methods, forget=forget, hparams=hp,
                                original_hparams=orig_hp if (orig_hp or "original_hparams" in file_cfg) else None,
                                progress=not args.quiet, **kw)
@@ -356,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-per-class", dest="max_per_class", type=int, help="keep at most N images per class (seeded)")
     c.add_argument("--data-fraction", dest="data_fraction", type=float, help="keep this fraction of each class (seeded)")
     c.add_argument("--tsne-method", dest="tsne_method", help="method shown in the t-SNE figure (default: best H-Mean)")
+    c.add_argument("--representation", help="representation metrics for every row: all | a comma list of idi,probe,knn,mia")
+    c.add_argument("--knn-data", dest="knn_data", action="append", metavar="SPEC",
+                   help="downstream dataset spec for EC's k-NN columns (repeatable; EC uses three)")
+    c.add_argument("--idi", help="IDI critic setting: ec (EC App. B.6) | cpu (cheap; the default on CPU)")
     c.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="override a method hyper-parameter (repeatable)")
     c.add_argument("--original-set", dest="original_set", action="append", metavar="KEY=VALUE",
                    help="override the original / retrained models' recipe (e.g. max_epochs=20)")
@@ -371,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from unlearn_fast.methods.loop import NonFiniteError
 
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # logs, CI, pipes: one line per evaluation from the loop instead of progress bars
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -136,7 +136,9 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
             original_hparams: dict[str, Any] | None = None, retrain_hparams: dict[str, Any] | None = None,
             tsne_method: str | None = None, tsne_neighbors: int = 9, tsne_max_per_class: int = 100,
             figures: bool = True, batch_size: int = 512, max_per_class: int | None = None,
-            data_fraction: float | None = None) -> CompareResult:
+            data_fraction: float | None = None, representation: Any = None,
+            knn_data: str | Sequence[str] | None = None,
+            representation_options: dict[str, Any] | None = None) -> CompareResult:
     """Run ``methods`` on one original model and one forget request; evaluate, tabulate and plot them.
 
     ``forget``: class list, ``"1,4"``, ``"random:K"`` or ``"similar:K:<dataset spec>"`` (resolved after the
@@ -144,6 +146,11 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     the original model's recipe, ``retrain_hparams`` the retrained model's (default: ``original_hparams``).
     ``tsne_method``: the method shown beside Original and Retrained in the t-SNE figure (default: the
     best H-Mean). ``tsne_neighbors``: retain classes shown (EC Fig. 3: the 9 most similar).
+    ``representation``: ``"all"`` or a list of ``idi``, ``probe``, ``knn``, ``mia`` computed for every row;
+    ``knn_data``: downstream data spec(s) for EC's k-NN columns; ``representation_options``: fields of
+    ``evaluation.representation.RepresentationOptions``. ``"wf"`` in ``methods`` untrains WF-Net once (or
+    reuses the run's ``wf.safetensors``) and evaluates its gate rows of the forget request baked into a
+    plain model (``nn.bake`` / ``nn.compose``).
     """
     from unlearn_fast.forget import precheck_forget_request
     from unlearn_fast.methods import create_method
@@ -168,7 +175,7 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     created = {}
     for name in methods:
         meth = create_method(name, **dict(hparams.get(name) or {}))
-        if not isinstance(meth, UnlearningMethod):
+        if not isinstance(meth, UnlearningMethod) and name != "wf":
             raise ValueError(f"compare: {name!r} is not a class-unlearning method; compare runs those (unlearn-fast list) "
                              "- WF-Net over every class is `unlearn-fast train --method wf`")
         created[name] = meth
@@ -181,6 +188,10 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     run_dir, device, cfg, ctx = plan.run_dir, plan.device, plan.cfg, plan.ctx
     seed = cfg.get("seed", seed)
     pre = precheck_forget_request(forget, ctx)
+    from unlearn_fast.evaluation.representation import RepresentationOptions, prepare_cache
+
+    rep_opts = RepresentationOptions.make(representation, knn_data, **(representation_options or {}))
+    rep_cache = prepare_cache(rep_opts, ctx.data)  # loads the knn_data sets: a bad spec fails here
     with RunLock(run_dir):
         open_run(plan)
         return _compare_locked(**locals())
@@ -188,6 +199,7 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
 
 def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg, ctx, seed, original_hparams,
                     retrain_hparams, batch_size, progress, figures, tsne_method, tsne_neighbors, tsne_max_per_class,
+                    rep_opts, rep_cache,
                     **_: Any) -> CompareResult:
     from unlearn_fast.evaluation.compare_report import plot_cka_layers, plot_tsne, write_compare_report
     from unlearn_fast.evaluation.health import merge
@@ -224,7 +236,7 @@ def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg
     retrained = load_model(rpath, device)
     orig_health, _ = original_health(ctx)
     timing_path = run_dir / "timing.json"
-    eval_settings = {"batch_size": batch_size, "seed": seed, "forget": classes,
+    eval_settings = {"batch_size": batch_size, "seed": seed, "forget": classes, "representation": repr(rep_opts),
                      "original": artefact_meta(run_dir / "original.safetensors").get("digest"),
                      "retrained": artefact_meta(rpath).get("digest")}
 
@@ -233,8 +245,9 @@ def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg
         return t.get(key)
 
     def evaluate(m):
-        return evaluate_unlearned(m, original, ctx.data, classes, retrained=retrained, device=device,
-                                  batch_size=batch_size, seed=seed, progress=progress)
+        return evaluate_unlearned(_plain_model(m, classes), original, ctx.data, classes, retrained=retrained,
+                                  device=device, batch_size=batch_size, seed=seed, progress=progress,
+                                  representation=rep_opts, cache=rep_cache)
 
     changed = False
     ref_stages = {"original": artefact_meta(run_dir / "original.safetensors").get("stages") or {},
@@ -296,7 +309,7 @@ def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg
 
     ok = [n for n in methods if rows.get(n, {}).get("status") == "ok"]
     old_figs = dict(state.get("figures") or {})
-    if (figures and not changed and state.get("figure_methods") == ok and set(old_figs) == {"cka_layers", "tsne"}
+    if (figures and not changed and state.get("figure_methods") == ok and {"cka_layers", "tsne"} <= set(old_figs)
             and all((run_dir / f).exists() for f in old_figs.values()) and tsne_method in (None, state.get("tsne", {}).get("method"))):
         figures = False  # nothing new since the figures were drawn: keep them
         figs = old_figs
@@ -313,10 +326,16 @@ def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg
             show = max(ok, key=lambda n: _score(rows[n])) if ok else None
         panel_models = {"original": original, "retrain": retrained}
         if show is not None:
-            panel_models[show] = load_model(run_dir / f"{show}.safetensors", device)
+            panel_models[show] = (_plain_model(created["wf"].run(ctx).model, classes) if show == "wf"
+                                  else load_model(run_dir / f"{show}.safetensors", device))
         near = _near_retain_classes(original, ctx.data, classes, tsne_neighbors, device)
         panels = _tsne_panels(panel_models, ctx.data, classes + near, device, seed, tsne_max_per_class)
         figs["tsne"] = str(plot_tsne(panels, classes, ctx.data.class_names, run_dir / "figures" / "compare_tsne.png").relative_to(run_dir))
+        from unlearn_fast.evaluation.compare_report import plot_compare_knn
+
+        knn_fig = plot_compare_knn(state, ctx.data, run_dir / "figures" / "compare_knn.png")
+        if knn_fig is not None:
+            figs["knn"] = str(knn_fig.relative_to(run_dir))
         state["tsne_note"] = (f"t-SNE of the penultimate features on the test split: forget classes {classes} and the "
                               f"{len(near)} retain classes nearest to them under the original model {near}; "
                               f"method shown: {show}{note}.")
@@ -354,6 +373,16 @@ def _overall_health(verdicts: list[dict], rows: dict[str, Any], methods: list[st
     out = merge(*verdicts)
     out["methods"] = {n: rows[n]["health"]["status"] for n in methods}
     return out
+
+
+def _plain_model(m, classes: list[int]):
+    """A WF-Net (``nn.WFModel``) becomes the plain model with the forget request's gate row(s) baked in
+    (``nn.bake`` for one class, ``nn.compose`` for several); any other model is returned as is."""
+    from unlearn_fast.nn import WFModel, bake, compose
+
+    if isinstance(m, WFModel):
+        return bake(m, classes[0]) if len(classes) == 1 else compose(m, classes)
+    return m
 
 
 def _score(row: dict[str, Any]) -> float:

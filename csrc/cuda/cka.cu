@@ -2,6 +2,8 @@
 // FP64 tensor cores on Hopper run DGEMM at about the FP32 rate, so the statistics stay exact);
 // the centring of the accumulated statistics and the unbiased HSIC formula are kernels over the
 // shared math:: functions, so the host tests in csrc/tests/ cover what runs here.
+// Deterministic: no floating-point atomics; every sum is reduced in a fixed order (per-row partials,
+// then a fixed-order pass), and the fused HSIC of cka_common.h is ATen GEMMs and reductions only.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,11 +20,12 @@ namespace {
 constexpr int kSqnormThreads = 128;
 
 // Grid (D1, L2): block (i, b) sums the squared centred entries of row i over the columns of
-// column-block b and adds the total to out[block_of(i), b].
+// column-block b and writes the total to rowpart[i, b]. No atomics: the per-row partials are reduced
+// in a fixed order by block_sum_kernel, so two runs give bit-identical results (issue 10 item 3).
 __global__ void __launch_bounds__(kSqnormThreads)
     centered_sqnorm_kernel(const double* __restrict__ s, const double* __restrict__ s1, const double* __restrict__ s2,
-                           double n, int64_t D2, const int64_t* __restrict__ o1, int64_t L1,
-                           const int64_t* __restrict__ o2, int64_t L2, double* __restrict__ out) {
+                           double n, int64_t D2, const int64_t* __restrict__ o2, int64_t L2,
+                           double* __restrict__ rowpart) {
   __shared__ double partial[kSqnormThreads / 32];
   const int64_t i = blockIdx.x;
   const int64_t b = blockIdx.y;
@@ -40,8 +43,20 @@ __global__ void __launch_bounds__(kSqnormThreads)
   if (threadIdx.x == 0) {
     double t = 0.0;
     for (int w = 0; w < kSqnormThreads / 32; ++w) t += partial[w];
-    atomicAdd(&out[math::block_of(o1, L1, i) * L2 + b], t);
+    rowpart[i * L2 + b] = t;
   }
+}
+
+// One thread per (row block a, column block b): out[a, b] = sum of rowpart[i, b] over the rows i of
+// block a, in row order.
+__global__ void block_sum_kernel(const double* __restrict__ rowpart, const int64_t* __restrict__ o1, int64_t L1,
+                                 int64_t L2, double* __restrict__ out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= L1 * L2) return;
+  const int64_t a = idx / L2, b = idx % L2;
+  double t = 0.0;
+  for (int64_t i = o1[a]; i < o1[a + 1]; ++i) t += rowpart[i * L2 + b];
+  out[idx] = t;
 }
 
 __global__ void hsic_combine_kernel(const double* __restrict__ tr, const double* __restrict__ rowdot,
@@ -63,12 +78,19 @@ at::Tensor cka_centered_sqnorm_cuda(const at::Tensor& s_in, const at::Tensor& s1
   const at::Tensor s = s_in.contiguous(), s1 = s1_in.contiguous(), s2 = s2_in.contiguous();
   const at::Tensor o1d = at::tensor(o1, at::TensorOptions().dtype(at::kLong)).to(s.device());
   const at::Tensor o2d = at::tensor(o2, at::TensorOptions().dtype(at::kLong)).to(s.device());
-  at::Tensor out = at::zeros({L1, L2}, s.options());
+  at::Tensor out = at::empty({L1, L2}, s.options());
+  at::Tensor rowpart = at::empty({D1, L2}, s.options());
   TORCH_CHECK(L2 <= 65535, "cka_centered_sqnorm: at most 65535 column blocks, got ", L2);
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(D1), static_cast<unsigned>(L2));
-  centered_sqnorm_kernel<<<grid, kSqnormThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      s.data_ptr<double>(), s1.data_ptr<double>(), s2.data_ptr<double>(), n, D2, o1d.data_ptr<int64_t>(), L1,
-      o2d.data_ptr<int64_t>(), L2, out.data_ptr<double>());
+  centered_sqnorm_kernel<<<grid, kSqnormThreads, 0, stream>>>(s.data_ptr<double>(), s1.data_ptr<double>(),
+                                                             s2.data_ptr<double>(), n, D2, o2d.data_ptr<int64_t>(),
+                                                             L2, rowpart.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int threads = 128;
+  const int blocks = static_cast<int>((L1 * L2 + threads - 1) / threads);
+  block_sum_kernel<<<blocks, threads, 0, stream>>>(rowpart.data_ptr<double>(), o1d.data_ptr<int64_t>(), L1, L2,
+                                                   out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

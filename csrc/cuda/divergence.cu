@@ -1,10 +1,11 @@
 // CUDA implementations of the divergence ops. One warp per row of logits: the row is read once
 // into registers (C <= 1024) or twice (wider rows), the log-sum-exp of both rows is merged across
 // lanes with math::lse_merge, and each lane adds math::js_term / math::sqdiff_term for its classes
-// (the same functions the CPU path and the host tests run). The streaming op reduces per-group
-// sums in shared memory, then one float64 atomicAdd per group per block.
+// (the same functions the CPU path and the host tests run). All arithmetic is float64, as on the
+// CPU path; per-row results are then rounded to the output dtype (float32 for float32/16 logits).
+// The streaming op is deterministic (issue 10 item 3): per-row values -> per-(chunk, group) partials
+// summed in row order -> per-group totals summed in chunk order; no floating-point atomics.
 #include <ATen/ATen.h>
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,7 +19,6 @@ namespace unlearn_fast {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-constexpr int64_t kMaxSmemGroups = 1024;  // 3 float64 sums each = 24 KiB of shared memory
 
 template <typename T>
 __device__ __forceinline__ math::LseState<T> warp_lse(math::LseState<T> st) {
@@ -38,21 +38,14 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 // VPT > 0: each lane keeps VPT elements of each row in registers (C <= 32 * VPT).
-// VPT == 0: any C, two passes over global memory.
-// ACCUM == false: writes js_out[row], l2_out[row]. ACCUM == true: adds into per-group sums.
-template <typename scalar_t, typename acc_t, int VPT, bool ACCUM>
+// VPT == 0: any C, two passes over global memory. Writes js_out[row], l2_out[row] (out_t).
+template <typename scalar_t, typename out_t, int VPT>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     divergence_kernel(const scalar_t* __restrict__ p, const scalar_t* __restrict__ q, int64_t B, int64_t C,
-                      acc_t* __restrict__ js_out, acc_t* __restrict__ l2_out, const int64_t* __restrict__ groups,
-                      int64_t K, bool smem_groups, double* __restrict__ js_sum, double* __restrict__ l2_sum,
-                      double* __restrict__ count) {
-  extern __shared__ double smem[];  // [3 * K] when ACCUM && smem_groups
+                      out_t* __restrict__ js_out, out_t* __restrict__ l2_out) {
+  using acc_t = double;  // as the CPU path (math::divergence_row<double>)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  if (ACCUM && smem_groups) {
-    for (int64_t k = threadIdx.x; k < 3 * K; k += blockDim.x) smem[k] = 0.0;
-    __syncthreads();
-  }
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; row < B;
        row += static_cast<int64_t>(gridDim.x) * kWarpsPerBlock) {
     const scalar_t* pr = p + row * C;
@@ -92,57 +85,72 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
         l2 += math::sqdiff_term(lp, lq);
       }
     }
-    js = warp_sum(js);
+    js = warp_sum(js);  // fixed butterfly order: deterministic
     l2 = warp_sum(l2);
     if (lane == 0) {
-      js = math::js_clamp(js);
-      l2 = math::uf_sqrt(l2);
-      if constexpr (!ACCUM) {
-        js_out[row] = js;
-        l2_out[row] = l2;
-      } else {
-        const int64_t g = groups ? groups[row] : 0;  // range checked on the host
-        if (smem_groups) {
-          atomicAdd(&smem[g], static_cast<double>(js));
-          atomicAdd(&smem[K + g], static_cast<double>(l2));
-          atomicAdd(&smem[2 * K + g], 1.0);
-        } else {
-          atomicAdd(&js_sum[g], static_cast<double>(js));
-          atomicAdd(&l2_sum[g], static_cast<double>(l2));
-          atomicAdd(&count[g], 1.0);
-        }
-      }
-    }
-  }
-  if (ACCUM && smem_groups) {
-    __syncthreads();
-    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-      if (smem[2 * K + k] != 0.0) {
-        atomicAdd(&js_sum[k], smem[k]);
-        atomicAdd(&l2_sum[k], smem[K + k]);
-        atomicAdd(&count[k], smem[2 * K + k]);
-      }
+      js_out[row] = static_cast<out_t>(math::js_clamp(js));
+      l2_out[row] = static_cast<out_t>(math::uf_sqrt(l2));
     }
   }
 }
 
-template <typename scalar_t, typename acc_t, bool ACCUM>
-void launch(const at::Tensor& p, const at::Tensor& q, acc_t* js_out, acc_t* l2_out, const int64_t* groups,
-            int64_t K, double* js_sum, double* l2_sum, double* count) {
+constexpr int64_t kChunkRows = 1024;
+constexpr int kGroupThreads = 128;
+
+// Grid (chunks, ceil(K / kGroupThreads)): thread k of chunk c sums the rows of the chunk whose group
+// is k, in row order, into partial[c, k] (js, l2, count).
+__global__ void __launch_bounds__(kGroupThreads)
+    group_partials_kernel(const double* __restrict__ js, const double* __restrict__ l2,
+                          const int64_t* __restrict__ groups, int64_t B, int64_t K, double* __restrict__ pjs,
+                          double* __restrict__ pl2, double* __restrict__ pcnt) {
+  const int64_t c = blockIdx.x;
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (k >= K) return;
+  const int64_t r1 = (c + 1) * kChunkRows < B ? (c + 1) * kChunkRows : B;
+  double sj = 0.0, sl = 0.0, sc = 0.0;
+  for (int64_t r = c * kChunkRows; r < r1; ++r) {
+    if ((groups ? groups[r] : 0) == k) {
+      sj += js[r];
+      sl += l2[r];
+      sc += 1.0;
+    }
+  }
+  pjs[c * K + k] = sj;
+  pl2[c * K + k] = sl;
+  pcnt[c * K + k] = sc;
+}
+
+// One thread per group: adds the partials of all chunks, in chunk order, to the accumulators.
+__global__ void group_final_kernel(const double* __restrict__ pjs, const double* __restrict__ pl2,
+                                   const double* __restrict__ pcnt, int64_t chunks, int64_t K,
+                                   double* __restrict__ js_sum, double* __restrict__ l2_sum,
+                                   double* __restrict__ count) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= K) return;
+  double sj = 0.0, sl = 0.0, sc = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    sj += pjs[c * K + k];
+    sl += pl2[c * K + k];
+    sc += pcnt[c * K + k];
+  }
+  js_sum[k] += sj;
+  l2_sum[k] += sl;
+  count[k] += sc;
+}
+
+template <typename scalar_t, typename out_t>
+void launch_rows(const at::Tensor& p, const at::Tensor& q, out_t* js_out, out_t* l2_out) {
   const int64_t B = p.size(0), C = p.size(1);
   // No ATen/cuda/CUDAContext.h: it pulls in cuBLAS/cuSPARSE headers that a bare toolkit lacks.
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.get_device()));
   const int64_t need = (B + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(need, static_cast<int64_t>(sms) * 8)));
-  const bool smem_groups = ACCUM && K <= kMaxSmemGroups;
-  const size_t smem = smem_groups ? 3 * K * sizeof(double) : 0;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* pp = p.data_ptr<scalar_t>();
   const scalar_t* qp = q.data_ptr<scalar_t>();
-#define UF_LAUNCH(V)                                                                                     \
-  divergence_kernel<scalar_t, acc_t, V, ACCUM><<<grid, 32 * kWarpsPerBlock, smem, stream>>>(            \
-      pp, qp, B, C, js_out, l2_out, groups, K, smem_groups, js_sum, l2_sum, count)
+#define UF_LAUNCH(V) \
+  divergence_kernel<scalar_t, out_t, V><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(pp, qp, B, C, js_out, l2_out)
   if (C <= 32) UF_LAUNCH(1);
   else if (C <= 64) UF_LAUNCH(2);
   else if (C <= 128) UF_LAUNCH(4);
@@ -154,30 +162,29 @@ void launch(const at::Tensor& p, const at::Tensor& q, acc_t* js_out, acc_t* l2_o
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::pair<at::Tensor, at::Tensor> rows_cuda(const at::Tensor& p_in, const at::Tensor& q_in) {
+std::pair<at::Tensor, at::Tensor> rows_cuda(const at::Tensor& p_in, const at::Tensor& q_in,
+                                            at::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(p_in.device());
   const at::Tensor p = p_in.contiguous(), q = q_in.contiguous();
   const int64_t B = p.size(0);
-  const auto out_dtype = divergence_out_dtype(p);
   at::Tensor js = at::empty({B}, p.options().dtype(out_dtype));
   at::Tensor l2 = at::empty({B}, p.options().dtype(out_dtype));
   if (B == 0) return {js, l2};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "divergence_rows_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    launch<scalar_t, acc_t, false>(p, q, js.data_ptr<acc_t>(), l2.data_ptr<acc_t>(), nullptr, 1, nullptr, nullptr,
-                                   nullptr);
+    if (out_dtype == at::kDouble) launch_rows<scalar_t, double>(p, q, js.data_ptr<double>(), l2.data_ptr<double>());
+    else launch_rows<scalar_t, float>(p, q, js.data_ptr<float>(), l2.data_ptr<float>());
   });
   return {js, l2};
 }
 
 at::Tensor js_divergence_cuda(const at::Tensor& p, const at::Tensor& q) {
   check_logits_pair(p, q, "js_divergence");
-  return rows_cuda(p, q).first;
+  return rows_cuda(p, q, divergence_out_dtype(p)).first;
 }
 
 at::Tensor activation_distance_cuda(const at::Tensor& p, const at::Tensor& q) {
   check_logits_pair(p, q, "activation_distance");
-  return rows_cuda(p, q).second;
+  return rows_cuda(p, q, divergence_out_dtype(p)).second;
 }
 
 void divergence_accumulate_cuda(const at::Tensor& p_in, const at::Tensor& q_in,
@@ -196,12 +203,20 @@ void divergence_accumulate_cuda(const at::Tensor& p_in, const at::Tensor& q_in,
     TORCH_CHECK(lo >= 0 && hi < K, "divergence_accumulate: groups must lie in [0, ", K, "), got range [", lo, ", ",
                 hi, "]");
   }
-  const at::Tensor p = p_in.contiguous(), q = q_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "divergence_accumulate_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    launch<scalar_t, acc_t, true>(p, q, nullptr, nullptr, g.defined() ? g.data_ptr<int64_t>() : nullptr, K,
-                                  js_sum.data_ptr<double>(), l2_sum.data_ptr<double>(), count.data_ptr<double>());
-  });
+  const auto rows = rows_cuda(p_in, q_in, at::kDouble);  // float64 per-row values
+  const int64_t chunks = (B + kChunkRows - 1) / kChunkRows;
+  at::Tensor parts = at::empty({3, chunks, K}, js_sum.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>((K + kGroupThreads - 1) / kGroupThreads));
+  TORCH_CHECK(grid.y <= 65535, "divergence_accumulate: too many groups (", K, ")");
+  group_partials_kernel<<<grid, kGroupThreads, 0, stream>>>(
+      rows.first.data_ptr<double>(), rows.second.data_ptr<double>(), g.defined() ? g.data_ptr<int64_t>() : nullptr, B,
+      K, parts[0].data_ptr<double>(), parts[1].data_ptr<double>(), parts[2].data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  group_final_kernel<<<static_cast<unsigned>((K + kGroupThreads - 1) / kGroupThreads), kGroupThreads, 0, stream>>>(
+      parts[0].data_ptr<double>(), parts[1].data_ptr<double>(), parts[2].data_ptr<double>(), chunks, K,
+      js_sum.data_ptr<double>(), l2_sum.data_ptr<double>(), count.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -112,9 +112,8 @@ def not_forgotten(metrics: dict[str, Any], fraction: float = NOT_FORGOTTEN_FRACT
     for name, r in _ok_rows(metrics):
         if name in ("original", "retrain"):
             continue
-        for c, v in (r.get("per_class") or {}).items():
-            o = (orig.get(c) or orig.get(str(c)) or {}).get("TFA")
-            t = v.get("TFA")
+        for c, t in ((r.get("per_class") or {}).get("TFA") or {}).items():
+            o = (orig.get("TFA") or {}).get(str(c))
             if o is not None and t is not None and not math.isnan(o) and not math.isnan(t) and o > 0 and t >= fraction * o:
                 out.append((name, int(c), float(t), float(o)))
     return out
@@ -135,10 +134,10 @@ def per_class_table_markdown(metrics: dict[str, Any], class_names: Sequence[str]
         pc = r.get("per_class") or {}
         cells = []
         for c in classes:
-            v = pc.get(c) or pc.get(str(c)) or {}
+            v = {k: (pc.get(k) or {}).get(str(c)) for k in ("FA", "TFA", "JS", "ActDist")}
             mark = " ⚠" if (name, c) in flags else ""
-            cells.append(f"{_fmt(v.get('FA'), '{:.2f}')} / {_fmt(v.get('TFA'), '{:.2f}')}{mark}")
-            cells.append(f"{_fmt(v.get('JS'), '{:.4f}')} / {_fmt(v.get('ActDist'), '{:.4f}')}")
+            cells.append(f"{_fmt(v['FA'], '{:.2f}')} / {_fmt(v['TFA'], '{:.2f}')}{mark}")
+            cells.append(f"{_fmt(v['JS'], '{:.4f}')} / {_fmt(v['ActDist'], '{:.4f}')}")
         lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 __all__ = ["REPRESENTATION_METRICS", "RepresentationOptions", "parse_representation", "representation_metrics",
-           "knn_data_names"]
+           "knn_data_names", "prepare_cache", "wf_representation_per_class"]
 
 REPRESENTATION_METRICS = ("idi", "probe", "knn", "mia")
 
@@ -72,8 +72,14 @@ class RepresentationOptions:
 
     @classmethod
     def make(cls, representation: Any = None, knn_data: str | Sequence[str] | None = None, **kw: Any) -> "RepresentationOptions":
-        """Validated options; ``knn_data`` alone turns on ``knn``."""
+        """Validated options; ``knn_data`` alone turns on ``knn``; a ready :class:`RepresentationOptions` is
+        returned as is (with nothing else given)."""
         from unlearn_fast.evaluation.mia import MIA_ATTACKS, MIA_FEATURES
+
+        if isinstance(representation, RepresentationOptions):
+            if knn_data or kw:
+                raise ValueError("pass either a RepresentationOptions or knn_data / options, not both")
+            return representation
 
         metrics = parse_representation(representation)
         specs = tuple(s.strip() for s in ([knn_data] if isinstance(knn_data, str) else (knn_data or ())) if s and s.strip())
@@ -194,4 +200,30 @@ def representation_metrics(model: nn.Module, original: nn.Module, retrained: nn.
             out.update(_downstream(model, retrained, data, opts, device, batch_size, cache))
             if retrained is None:
                 out["notes"].append("k-NN gaps need the retrained model")
+    return out
+
+
+def prepare_cache(opts: RepresentationOptions, data) -> dict[str, Any]:
+    """A fresh comparison cache with the downstream ``knn_data`` sets loaded - so that a bad spec fails
+    (ValueError naming it) before any training starts."""
+    from unlearn_fast.evaluation.knn import load_knn_data
+
+    return {f"knn_data::{spec}": load_knn_data(spec, data) for spec in opts.knn_data}
+
+
+def wf_representation_per_class(wf, original: nn.Module, retrained: dict[int, nn.Module], data,
+                                classes: Sequence[int], opts: RepresentationOptions, *, device, seed: int = 0,
+                                batch_size: int = 512) -> dict[int, dict[str, Any]]:
+    """Representation metrics of a WF-Net per class (WF-Net + EC protocol): for each class c, gate row c is
+    baked into a plain model (``unlearn_fast.nn.bake``: the deployable artefact, DESIGN §3) and measured
+    against the original and ``retrained[c]`` (the model trained without c; IDI and k-NN gaps are None
+    for a class without one). Returns ``{c: representation_metrics(...)}``."""
+    from unlearn_fast.nn import bake
+
+    out = {}
+    for c in classes:
+        c = int(c)
+        plain = bake(wf, c).to(device)
+        out[c] = representation_metrics(plain, original, retrained.get(c), data, [c], opts, device=device, seed=seed,
+                                        batch_size=batch_size, cache={})
     return out

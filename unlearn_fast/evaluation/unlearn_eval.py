@@ -4,10 +4,10 @@ Metrics (accuracies and CKA in %, JS in nats, ZRF in [0, 1]):
 
 * ``FA`` / ``RA``: accuracy on the forget / retain classes of the **train** split;
   ``TFA`` / ``TRA``: the same on the **test** split.
-* ``per_class[c]`` for every forget class c: ``FA``, ``TFA`` (its own train / test accuracy), ``JS`` and
-  ``ActDist`` (WF paper Act-Dist: mean L2 distance between the softmax vectors) to the retrained model on
-  its test samples, so that a class that was not forgotten does not hide in the mean. ``ActDist``: the
-  same over all of D_f^te.
+* ``per_class[metric][str(c)]`` for every forget class c, metric ``FA``, ``TFA`` (its own train / test
+  accuracy), ``JS`` and ``ActDist`` (WF paper Act-Dist: mean L2 distance between the softmax vectors) to
+  the retrained model on its test samples, ``n_train`` / ``n_test`` - so that a class that was not
+  forgotten does not hide in the mean. ``ActDist``: the same over all of D_f^te.
 * ``CKA``: linear CKA (exact, fp64 streaming sufficient statistics) between the model's and the
   *original* model's features on the test forget set D_f^te, x100, at the penultimate layer - the
   input of the final classifier, i.e. the layer before it in ``models.feature_layers`` (EC Sec. 4.1:
@@ -127,10 +127,15 @@ def penultimate_features(model: nn.Module, dataset: Dataset, device: torch.devic
 
 
 def penultimate_layer(model: nn.Module) -> str:
-    """Name of the feature layer right before the final classifier (``feature_layers(...)[-2]``)."""
-    from unlearn_fast.models import feature_layers
+    """The CKA layer: the input of the final classifier. CNNs: the feature layer right before it
+    (``feature_layers(...)[-2]``, whose output is that input); ViT/Swin: ``"<head>:in"``, the head's
+    input itself (after the final norm and token pooling; a block output would be token-averaged
+    before that norm) - a LinearCKA layer name that hooks a module's input."""
+    from unlearn_fast.models import feature_layers, model_family
 
     names = feature_layers(model, model.unlearn_fast_name)
+    if model_family(model.unlearn_fast_name) == "vit":
+        return f"{names[-1]}:in"
     return names[-2] if len(names) >= 2 else names[-1]
 
 
@@ -292,8 +297,11 @@ def evaluate_unlearned(model: nn.Module, original: nn.Module, data, forget: Sequ
     js_per = js_c.compute().tolist() if have_r else [None] * len(forget)
     ad_per = ad_c.compute().tolist() if have_r else [None] * len(forget)
     fa_c, tfa_c = acc_train.per_class(forget), acc_test.per_class(forget)
-    per_class = {c: {"FA": fa_c[c], "TFA": tfa_c[c], "JS": js_per[i], "ActDist": ad_per[i],
-                     "n_train": int(acc_train.nc[c]), "n_test": int(acc_test.nc[c])} for i, c in enumerate(forget)}
+    per_class = {"FA": {str(c): fa_c[c] for c in forget}, "TFA": {str(c): tfa_c[c] for c in forget},
+                 "JS": {str(c): js_per[i] for i, c in enumerate(forget)},
+                 "ActDist": {str(c): ad_per[i] for i, c in enumerate(forget)},
+                 "n_train": {str(c): int(acc_train.nc[c]) for c in forget},
+                 "n_test": {str(c): int(acc_test.nc[c]) for c in forget}}
     rep: dict[str, Any] = {}
     if rep_opts.metrics:
         rep = representation_metrics(model, original, retrained, data, forget, rep_opts, device=device, seed=seed,

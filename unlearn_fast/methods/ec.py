@@ -29,6 +29,8 @@ Choices the paper leaves open (stated here, all overridable):
   tensors (brightness = additive shift in std units; contrast/saturation = scaling about the mean).
 - Layer weights are aligned to the deepest points: a model with fewer points than ``layer_weights``
   (small_cnn: L = 3) uses the last L entries, (0.4, 0.8, 1.0).
+- Swin-Tiny runs without layer-wise CE by default (App. A.3): ``layer_ce=None`` resolves to False for
+  ``swin_*`` models and True otherwise (:meth:`ECSettings.for_model`).
 - Ablations (Table 4): ``layer_ce=False`` keeps CE only at point L (the final classifier - removing it
   too would leave nothing preserving utility); ``use_modules=False`` puts L_CU / L_CE on the globally
   pooled raw stage features (linear classifier per point, no pre-training); ``extra_points=n``
@@ -75,7 +77,7 @@ class ECSettings:
     lambda_cu: float = 1.5
     lambda_ce: float = 1.5
     layer_weights: tuple[float, ...] = (0.2, 0.4, 0.8, 1.0)
-    layer_ce: bool = True                  # False: ablation "w/o layer-wise CE"
+    layer_ce: bool | None = None           # CE at every point; False: only at point L; None: False for Swin (App. A.3)
     use_modules: bool = True               # False: ablation "w/o EC modules"
     extra_points: int = 0                  # > 0: ablation "+ final backbone blocks"
     extra_weight: float = 1.0
@@ -103,6 +105,14 @@ class ECSettings:
         if not self.layer_weights or any(w < 0 for w in self.layer_weights):
             raise ValueError(f"EC: layer_weights must be non-empty and >= 0, got {self.layer_weights}")
         return self
+
+    def for_model(self, model_name: str) -> "ECSettings":
+        """Settings with the model-dependent defaults filled in: ``layer_ce=None`` becomes False for
+        Swin (EC App. A.3: "for Swin-Tiny, we use a variant of EC without layer-wise cross-entropy")
+        and True otherwise."""
+        if self.layer_ce is not None:
+            return self
+        return dataclasses.replace(self, layer_ce=not str(model_name).startswith("swin"))
 
     @classmethod
     def from_hparams(cls, hp: Any, prefix: str = "") -> "ECSettings":
@@ -147,7 +157,7 @@ def ec_loss(out: ECOutput, n_forget: int, y_retain: Tensor | None, weights: Sequ
             cu = ec_unlearning_loss(z[:n_forget], z[n_forget:], s.tau)
             term = term + s.lambda_cu * cu
             cu_sum += float(cu.detach())
-        if s.layer_ce or l == L - 1:
+        if s.layer_ce is not False or l == L - 1:  # None (unresolved) = the non-Swin default, True
             ce = F.cross_entropy(lg[n_forget:].float(), y_retain)
             term = term + s.lambda_ce * ce
             ce_sum += float(ce.detach())
@@ -336,6 +346,12 @@ class EraseAtTheCore(UnlearningMethod):
         batch_size: int = 64
         omega: int = 2
 
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        # EC Table 10 (= the defaults): tau 0.07, omega 2, lambda_CU = lambda_CE = 1.5, w = (0.2, 0.4, 0.8, 1.0)
+        return {"ec_table10": {"tau": 0.07, "omega": 2, "lambda_cu": 1.5, "lambda_ce": 1.5,
+                               "layer_weights": (0.2, 0.4, 0.8, 1.0)}}
+
     def settings(self) -> ECSettings:
         return ECSettings.from_hparams(self.hp)
 
@@ -347,7 +363,7 @@ class EraseAtTheCore(UnlearningMethod):
         return ec_loss(out, xf.shape[0], yr, weights, s)
 
     def unlearn(self, u: UnlearnContext) -> nn.Module:
-        s = self.settings()
+        s = self.settings().for_model(u.run.model_name)
         model = u.copy_original()
         modules = prepare_ec_modules(u, model, s).to(u.device)
         for p in modules.parameters():

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from unlearn_fast.methods.ec import ECSettings, ec_loss, layer_weights_for, prepare_ec_modules
-from unlearn_fast.methods.registry import get_method_class, list_methods, register_method
+from unlearn_fast.methods.registry import get_method_class, list_methods, register_method, register_suffix
 from unlearn_fast.methods.unlearning import UnlearnContext, UnlearningMethod
 from unlearn_fast.models.ec_modules import ECModules, ec_forward
 
@@ -99,7 +99,7 @@ class ECPlugin(UnlearningMethod):
               **kw: Any):
         if not self._ec_applies(name):
             return super().stage(u, name, model, loss_fn, **kw)
-        s = self.ec_settings()
+        s = self.ec_settings().for_model(u.run.model_name)
         student = self._student(u, model)
         ec = self._modules_for(u, student, s)
         weights = layer_weights_for(s, ec)
@@ -192,6 +192,9 @@ def ec_plugin(base: str | type, register: bool = True) -> type:
     else:
         cls.name = name
     return cls
+
+
+register_suffix("+ec", ec_plugin)
 
 
 def _register_defaults(bases: Sequence[str] = REGISTERED_BASES) -> None:

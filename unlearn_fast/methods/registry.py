@@ -4,8 +4,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 _REGISTRY: dict[str, type] = {}
+_SUFFIXES: dict[str, Callable[[type], type]] = {}
 
-__all__ = ["register_method", "list_methods", "create_method", "get_method_class"]
+__all__ = ["register_method", "register_suffix", "list_methods", "create_method", "get_method_class"]
 
 
 def register_method(name: str) -> Callable[[type], type]:
@@ -23,12 +24,18 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method_class(name: str) -> type:
-    if name not in _REGISTRY and name.endswith("+ec") and name[:-3] in _REGISTRY:
-        # any unlearning method gains EC's multi-layer supervision on demand (EC Sec. 4.2)
-        from unlearn_fast.methods.ec_plugin import ec_plugin
+def register_suffix(suffix: str, factory: Callable[[type], type]) -> None:
+    """``<method><suffix>`` names a method made on demand by ``factory(base_class)`` (e.g. ``+ec``: any
+    unlearning method plus EC's multi-layer supervision, registered by ``methods/ec_plugin.py``)."""
+    _SUFFIXES[suffix] = factory
 
-        return ec_plugin(_REGISTRY[name[:-3]])
+
+def get_method_class(name: str) -> type:
+    if not isinstance(name, str):
+        raise ValueError(f"method name must be a string, got {name!r}")
+    for suffix, factory in _SUFFIXES.items():
+        if name not in _REGISTRY and name.endswith(suffix) and name[: -len(suffix)] in _REGISTRY:
+            return factory(_REGISTRY[name[: -len(suffix)]])
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
     return _REGISTRY[name]

@@ -264,7 +264,7 @@ class UnlearningMethod(Method):
         cfg = LoopConfig(batch_size=bs, max_epochs=sched.epochs, max_steps=hp.max_steps,
                          evals_per_epoch=hp.evals_per_epoch, eval_every=hp.eval_every, patience=hp.patience,
                          min_steps=sched.min_steps, restore_best=sel, mode="max", seed=u.run.seed, amp=hp.amp,
-                         progress=u.run.progress, desc=f"{self.name} {name}")
+                         progress=u.run.progress, desc=self.name if name == self.name else f"{self.name} {name}")
         if owner is not None and not isinstance(owner, nn.Module):
             owner = nn.ModuleList(list(owner))
         res = fit(params_owner=owner if owner is not None else model, trainable=params, optimizer=opt, dataset=None,

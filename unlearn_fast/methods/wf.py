@@ -196,8 +196,8 @@ class WF(Method):
         grad_accum: int = 16
         chi: int = 3                          # label expansion: retain copies per retain sample (Alg. 2)
         lambdas: tuple[float, float, float] | None = None   # None: (1,10,1) CNN / (1,100,1) ViT
-        alpha_init: float = 6.0               # gate ceiling: sigmoid(6) = 0.998 (paper 3: sigmoid(3) = 0.953 scales every layer)
-        alpha_clip: float = 6.0               # alphas clipped to [-alpha_clip, alpha_clip] after each step (paper 3)
+        alpha_init: float = 3.0               # gate start (paper 3: sigmoid(3) = 0.953 scales every gated layer; 6 -> 0.998)
+        alpha_clip: float = 3.0               # alphas clipped to [-alpha_clip, alpha_clip] after each step (paper 3)
         max_epochs: int = 100
         max_steps: int | None = None
         patience: int | None = 10

@@ -26,7 +26,10 @@ def load_wf(path: str | os.PathLike, original: str | os.PathLike | torch.nn.Modu
 
     tensors, meta = load_tensors(path)
     model = load_model(original, map_location) if not isinstance(original, torch.nn.Module) else copy.deepcopy(original)
-    wf = wrap(model, int(meta["num_classes"]), float(meta.get("alpha_init", 3.0)))
+    # files written before the option existed gated the patch embedding: tell by their tensor names
+    gpe = meta.get("gate_patch_embed", any("patch_embed" in k for k in tensors))
+    gpe = gpe if isinstance(gpe, bool) else str(gpe).lower() in ("1", "true")
+    wf = wrap(model, int(meta["num_classes"]), float(meta.get("alpha_init", 3.0)), gate_patch_embed=gpe)
     expected = set(wf.alpha_state_dict())
     if set(tensors) != expected:
         raise ValueError(f"{path}: alphas do not fit this model (missing {sorted(expected - set(tensors))[:3]}, "

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from unlearn_fast import ops
+from unlearn_fast.ops.wf_gate import check_labels, mark_labels_checked
 
 
 class GateContext:
@@ -82,5 +83,7 @@ class WFLinear(_WFLayer):
             # Swin attention sees [B * n_windows, N, C]: repeat each sample's label over its windows.
             if x.shape[0] % labels.shape[0] != 0:
                 raise RuntimeError(f"WFLinear: batch {x.shape[0]} is not a multiple of {labels.shape[0]} gate labels")
+            check_labels(labels, labels.shape[0], self.num_classes)  # cached: no sync when WFModel checked
             labels = labels.repeat_interleave(x.shape[0] // labels.shape[0])
+            mark_labels_checked(labels, self.num_classes)  # same values: the layer's op skips its sync
         return ops.wf_linear(x, lin.weight, lin.bias, self.alpha_w, self.alpha_b, labels)

@@ -1,6 +1,8 @@
 """Wrap a classifier into a WF-Net (WF-Net Sec. 3.3) and export forgotten models from it.
 
-* :func:`wrap` gates every ``nn.Conv2d`` (kernel and bias) and every ViT/Swin ``qkv`` projection.
+* :func:`wrap` gates every ``nn.Conv2d`` of a CNN (kernel and bias); in a ViT/Swin (a model with
+  attention ``qkv`` projections) it gates only the ``qkv`` layers, as WF-Net Sec. 3.3 does - the patch
+  embedding conv too only with ``gate_patch_embed=True``.
 * :func:`bake` returns a plain model (same class as the original) whose weights carry one class's
   gate: ``W <- g ⊙ W``, ``b <- gb ⊙ b`` per output channel. It equals ``WFModel(x, c)`` exactly in
   exact arithmetic; it is the deployable artefact and what representation metrics must be run on.
@@ -20,12 +22,24 @@ from torch import Tensor, nn
 from unlearn_fast.nn.wf_layers import GateContext, WFConv2d, WFLinear, _WFLayer
 from unlearn_fast.ops.wf_gate import check_labels
 
-__all__ = ["WFModel", "wrap", "bake", "compose", "is_gated_linear"]
+__all__ = ["WFModel", "wrap", "bake", "compose", "is_gated_linear", "gate_targets"]
 
 
 def is_gated_linear(name: str, module: nn.Module) -> bool:
     """The linear layers WF gates: attention ``qkv`` projections (timm ViT / Swin naming)."""
     return isinstance(module, nn.Linear) and name.split(".")[-1] == "qkv"
+
+
+def gate_targets(model: nn.Module, gate_patch_embed: bool = False) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the layers WF gates (WF-Net Sec. 3.3): every ``nn.Conv2d`` of a CNN; in a
+    transformer (any attention ``qkv`` ``nn.Linear``) the ``qkv`` projections, plus the convs only if
+    ``gate_patch_embed`` (timm's patch embedding is the transformer's one conv)."""
+    qkv = [(n, m) for n, m in model.named_modules() if is_gated_linear(n, m)]
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if qkv and not gate_patch_embed:
+        return qkv
+    keep = {id(m) for _, m in qkv + convs}
+    return [(n, m) for n, m in model.named_modules() if id(m) in keep]
 
 
 class WFModel(nn.Module):
@@ -36,12 +50,14 @@ class WFModel(nn.Module):
     :meth:`train` keeps the wrapped model in eval mode (BatchNorm statistics and dropout frozen).
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, alpha_init: float = 3.0) -> None:
+    def __init__(self, model: nn.Module, num_classes: int, alpha_init: float = 3.0,
+                 gate_patch_embed: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.alpha_init = float(alpha_init)
+        self.gate_patch_embed = bool(gate_patch_embed)
         self._ctx = GateContext()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -50,8 +66,7 @@ class WFModel(nn.Module):
             # ReLU(inplace=True)) would overwrite it. Same values, one more activation buffer.
             if isinstance(getattr(m, "inplace", None), bool):
                 m.inplace = False
-        targets = [(n, m) for n, m in model.named_modules()
-                   if isinstance(m, nn.Conv2d) or is_gated_linear(n, m)]
+        targets = gate_targets(model, gate_patch_embed)
         if not targets:
             raise ValueError("wrap(): the model has no nn.Conv2d and no attention qkv nn.Linear to gate")
         for name, m in targets:
@@ -64,11 +79,7 @@ class WFModel(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor, forget_labels: Tensor | None = None) -> Tensor:
         if forget_labels is not None:
-            forget_labels = torch.as_tensor(forget_labels, device=x.device)
-            if forget_labels.dim() == 0:
-                forget_labels = forget_labels.expand(x.shape[0])
-            forget_labels = forget_labels.long()
-            check_labels(forget_labels, x.shape[0], self.num_classes)
+            forget_labels = _prepare_labels(forget_labels, x, self.num_classes)
         self._ctx.labels = forget_labels
         try:
             return self.model(x)
@@ -115,11 +126,25 @@ class WFModel(nn.Module):
         return _unwrap(copy.deepcopy(self.model))
 
 
-def wrap(model: nn.Module, num_classes: int, alpha_init: float = 3.0) -> WFModel:
-    """Gate every Conv2d and every attention ``qkv`` Linear of ``model`` (modified in place)."""
+@torch.compiler.disable
+def _prepare_labels(forget_labels, x: Tensor, num_classes: int) -> Tensor:
+    """``[B]`` int64 labels on x's device, range-checked once per forward (IndexError naming the range).
+    Runs eagerly even inside ``torch.compile`` (one graph break), so a compiled model checks too and
+    the gated layers find the labels already checked (no host sync per layer)."""
+    labels = torch.as_tensor(forget_labels, device=x.device)
+    if labels.dim() == 0:
+        labels = labels.expand(x.shape[0])
+    labels = labels.long()
+    check_labels(labels, x.shape[0], num_classes)
+    return labels
+
+
+def wrap(model: nn.Module, num_classes: int, alpha_init: float = 3.0, gate_patch_embed: bool = False) -> WFModel:
+    """Gate ``model`` (modified in place): every Conv2d of a CNN; only the attention ``qkv`` Linears of
+    a ViT/Swin (WF-Net Sec. 3.3), and its patch-embedding conv too with ``gate_patch_embed=True``."""
     if isinstance(model, WFModel):
         raise ValueError("wrap(): the model is already a WFModel")
-    return WFModel(model, num_classes, alpha_init)
+    return WFModel(model, num_classes, alpha_init, gate_patch_embed)
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

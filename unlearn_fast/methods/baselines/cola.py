@@ -58,6 +58,10 @@ class Cola(UnlearningMethod):
         shift: float = 0.125
         hflip: bool | None = None         # None: the dataset's recipe
 
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"ec_table10": {}}   # EC Table 10 lists nothing for this method: its defaults
+
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         hp = self.hp
         model = u.copy_original()

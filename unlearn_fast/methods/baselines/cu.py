@@ -87,6 +87,11 @@ class ContrastiveUnlearning(UnlearningMethod):
         embedding: str = "feature"      # "feature" | "mlp"
         proj_dim: int = 128
 
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        # EC Table 10: tau 0.07, omega 2, lambda_UL 1, lambda_CE 1
+        return {"ec_table10": {"temperature": 0.07, "omega": 2, "lambda_ul": 1.0, "lambda_ce": 1.0}}
+
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         hp = self.hp
         if hp.embedding not in ("feature", "mlp"):

@@ -227,6 +227,11 @@ class Duck(UnlearningMethod):
         polish_forget_batch: int = 128
         polish_fgt_scale: float = 0.1
 
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        # EC Table 10: lambda_fgt = lambda_ret = 1.5, T 2 (the UUEF port's values)
+        return {"ec_table10": {"lambda_fgt": 1.5, "lambda_ret": 1.5, "temperature": 2.0}}
+
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         hp = self.hp
         model = u.copy_original()

@@ -20,6 +20,10 @@ class FineTune(UnlearningMethod):
         lr: float = 0.01
         batch_size: int = 128
 
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"ec_table10": {}}   # EC Table 10 lists nothing for this method: its defaults
+
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         model = u.copy_original()
 

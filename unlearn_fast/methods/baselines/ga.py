@@ -6,7 +6,8 @@ wd 5e-4, lr 1e-4, 5 epochs, batch 256.
 GA is unbounded: the card says to monitor forget accuracy and stop early. Here that is the shared
 evaluation during unlearning (``evals_per_epoch`` validation points, the state with the best
 validation H-Mean of 1-FA and RA kept, ``patience`` optional) - a choice, since the public code keeps
-the last epoch. ``loss_clip`` (off by default, not in the card) stops the ascent on a batch once its
+the last epoch. ``forget_weight`` scales the loss (0 = the ablation: the model stays the original).
+``loss_clip`` (off by default, not in the card) stops the ascent on a batch once its
 CE exceeds the value, for users who want a bounded variant.
 """
 from __future__ import annotations
@@ -40,13 +41,18 @@ class GradientAscent(UnlearningMethod):
         lr: float = 1e-4
         batch_size: int = 256
         loss_clip: float | None = None
+        forget_weight: float = 1.0       # weight of -CE(D_f); 0 switches the forgetting term off (ablation)
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"ec_table10": {}}   # EC Table 10 lists nothing for this method: its defaults
 
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         model = u.copy_original()
 
         def loss(batch, _):
             x, y = batch["forget"]
-            return ga_loss(model(x), y, self.hp.loss_clip)
+            return self.hp.forget_weight * ga_loss(model(x), y, self.hp.loss_clip)
 
         self.stage(u, "ga", model, loss, drive="forget", retain=None)
         return model

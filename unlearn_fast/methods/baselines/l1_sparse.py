@@ -59,6 +59,10 @@ class L1Sparse(UnlearningMethod):
         def __post_init__(self) -> None:
             l1_gamma(self.gamma, 0, self.epochs, self.no_l1_epochs)  # raises on a bad no_l1_epochs
 
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"ec_table10": {}}   # EC Table 10 lists nothing for this method: its defaults
+
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         hp = self.hp
         model = u.copy_original()

@@ -47,6 +47,10 @@ class NegGradPlus(UnlearningMethod):
             if not 0.0 <= self.alpha <= 1.0:
                 raise ValueError(f"neggrad_plus: alpha must be in [0, 1], got {self.alpha}")
 
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"ec_table10": {}}   # EC Table 10 lists nothing for this method: its defaults
+
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         hp = self.hp
         model = u.copy_original()

@@ -56,6 +56,11 @@ class PseudoLabel(UnlearningMethod):
         lr: float = 0.01
         batch_size: int = 128
         bn_train: bool = True
+        forget_weight: float = 1.0       # weight of CE(D_f, pseudo-labels); 0 = ablation (no forgetting term)
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"ec_table10": {}}   # EC Table 10 lists nothing for this method: its defaults
 
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         model = u.copy_original()
@@ -67,7 +72,7 @@ class PseudoLabel(UnlearningMethod):
                 _bn_eval(model)
             with torch.no_grad():
                 y_hat = pseudo_labels(teacher(x), u.forget_classes)
-            return F.cross_entropy(model(x), y_hat)
+            return self.hp.forget_weight * F.cross_entropy(model(x), y_hat)
 
         self.stage(u, "pl", model, loss, drive="forget", retain=None)
         return model

@@ -12,6 +12,8 @@ Choices the cards leave open (each a hyper-parameter):
   with D_r into one shuffled set), ``"paired"`` (card 11 read literally: per step one forget batch and
   ``omega`` retain batches, ``L = CE(f, random) + retain_weight * CE(r, y)``).
 - ``random_labels``: ``"all"`` (SalUn) or ``"retain"`` (the DUCK variant: forget classes excluded).
+- ``forget_weight`` scales the random-label term (0 = the ablation: fine-tuning on D_r alone; the
+  ``concat`` schedule has no separate term and refuses anything but 1).
 - Random labels of the sequential/paired schedules are redrawn every step from a generator seeded by
   (run seed, epoch, micro-batch), so an interrupted run resumes to the same labels.
 """
@@ -90,12 +92,17 @@ class RandomLabel(UnlearningMethod):
         schedule: str = "sequential"       # "sequential" | "concat" | "paired"
         random_labels: str = "all"         # "all" (SalUn) | "retain" (DUCK's CR variant)
         retain_weight: float = 1.0         # paired schedule only: weight of CE(D_r) (SalUn issue #21: 1)
+        forget_weight: float = 1.0         # weight of CE(D_f, random labels); 0 = ablation (retain fine-tuning)
 
         def __post_init__(self) -> None:
             if self.schedule not in _SCHEDULES:
                 raise ValueError(f"rl/salun: schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
             if self.random_labels not in ("all", "retain"):
                 raise ValueError(f"rl/salun: random_labels must be 'all' or 'retain', got {self.random_labels!r}")
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"ec_table10": {}}   # EC Table 10 lists nothing for this method: its defaults
 
     def _excluded(self, u: UnlearnContext) -> list[int]:
         return list(u.forget_classes) if self.hp.random_labels == "retain" else []
@@ -106,6 +113,9 @@ class RandomLabel(UnlearningMethod):
         rb = hp.retain_batch_size or hp.batch_size
 
         if hp.schedule == "concat":
+            if hp.forget_weight != 1.0:
+                raise ValueError("rl/salun: schedule='concat' mixes D_f into D_r (one CE): forget_weight must be 1 there; "
+                                 "use schedule='sequential' or 'paired' to weight the forgetting term")
             fset = u.forget_set()
             g = torch.Generator().manual_seed(seed * 7919 + 13)
             pool = torch.tensor([c for c in range(K) if c not in set(excl)], dtype=torch.long)
@@ -124,7 +134,7 @@ class RandomLabel(UnlearningMethod):
             if batch["forget"] is not None:
                 xf, _ = batch["forget"]
                 yr = random_labels(len(xf), K, seed, info["epoch"], info["micro"], excl).to(xf.device)
-                total = F.cross_entropy(model(xf), yr)
+                total = hp.forget_weight * F.cross_entropy(model(xf), yr)
             if batch["retain"] is not None:
                 xr, yr_true = batch["retain"]
                 lr_ = F.cross_entropy(model(xr), yr_true)

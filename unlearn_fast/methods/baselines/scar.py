@@ -25,10 +25,13 @@ surrogate batch ``s``::
 
 Choices (all parameters):
 
-* ``surrogate``: a dataset spec (``unlearn_fast.data.load``, its train split, loaded at the run's image
-  size, channels and normalisation; labels replaced by the original model's predictions) or ``None``
-  = the run's own retain set (the paper uses 10k ImageNet images, not available offline; with the
-  retain set SCAR becomes retain-set distillation, the card's pitfall notwithstanding).
+* ``surrogate`` (required): a dataset spec of **out-of-distribution** images (``unlearn_fast.data.load``,
+  its train split, loaded at the run's image size, channels and normalisation; labels replaced by
+  the original model's predictions), e.g. ``"glyphs"`` (rendered characters, no files) or
+  ``"cifar10:DIR"`` next to a digits run (the paper uses 10k ImageNet images, not available offline).
+  Without one the method refuses to run (ValueError): with in-distribution images SCAR is retain-set
+  distillation, not SCAR (card 8). ``surrogate="retain"`` asks for exactly that on purpose, with a
+  warning; a spec naming the run's own dataset is refused.
 * ``stats_from="retain"`` computes the class Gaussians from retain embeddings as the code does (the
   paper's claim of needing no retain set notwithstanding); ``"surrogate"`` uses the surrogate set with
   the teacher's labels.
@@ -42,6 +45,7 @@ Choices (all parameters):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -100,18 +104,25 @@ def class_precisions(feats: Tensor, y: Tensor, num_classes: int, delta: float, g
 
 def mahalanobis_distance(phi: Tensor, means: Tensor, prec: Tensor, delta: float, classes: Tensor | None = None) -> Tensor:
     """SCAR's distance of ``phi [n, d]`` to class Gaussians ``means [K, d]``, ``prec [K, d, d]``:
-    ``[n, K]``, or ``[n]`` to class ``classes [n]`` of each row."""
+    ``[n, K]``, or ``[n]`` to class ``classes [n]`` of each row. Computed class by class (rows grouped
+    by their class): memory O(n d + d^2), never an ``[n, d, d]`` gather of precision matrices."""
     with fp32(phi):
         v = F.normalize(tukey(phi.float(), delta), dim=1)
         mu = F.normalize(means.float(), dim=1)
         prec = prec.float()
         if classes is not None:
-            diff = v - mu[classes]
-            return torch.einsum("nd,nde,ne->n", diff, prec[classes], diff)
+            if classes.shape != (phi.shape[0],):
+                raise ValueError(f"mahalanobis_distance: classes must be [n={phi.shape[0]}], got {tuple(classes.shape)}")
+            out = v.new_zeros(phi.shape[0])
+            for c in torch.unique(classes).tolist():
+                rows = (classes == c).nonzero().squeeze(1)
+                diff = v.index_select(0, rows) - mu[c]
+                out = out.index_copy(0, rows, ((diff @ prec[c]) * diff).sum(1))
+            return out
         out = []
         for c in range(means.shape[0]):
             diff = v - mu[c]
-            out.append(torch.einsum("nd,de,ne->n", diff, prec[c], diff))
+            out.append(((diff @ prec[c]) * diff).sum(1))
         return torch.stack(out, 1)
 
 
@@ -151,11 +162,37 @@ class Scar(UnlearningMethod):
         gamma1: float = 3.0
         gamma2: float = 3.0
         shrink_times: int = 2
-        surrogate: str | None = None      # dataset spec; None = the run's retain set
+        surrogate: str | None = None      # out-of-distribution dataset spec (required), or "retain" (warns)
         stats_from: str = "retain"        # "retain" | "surrogate"
 
+    CHOICES = {**UnlearningMethod.CHOICES, "stats_from": ("retain", "surrogate")}
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        # EC Table 10: lambda_1 5, lambda_2 5, gamma_1 = gamma_2 = 3 (the last three are the defaults)
+        return {"ec_table10": {"lambda_1": 5.0, "lambda_2": 5.0, "gamma1": 3.0, "gamma2": 3.0}}
+
+    def check_surrogate(self, u: UnlearnContext) -> None:
+        """Refuse a missing or in-distribution surrogate before any work (see the module docstring)."""
+        spec = self.hp.surrogate
+        if spec is None:
+            raise ValueError("scar: needs out-of-distribution surrogate images (SCAR distils the original on OOD data, "
+                             "card 8): pass surrogate='KIND[:DIR]', a data spec other than the run's, e.g. "
+                             "surrogate='glyphs' or 'cifar10:/path' (surrogate='retain' uses the retain set: "
+                             "retain-set distillation, not SCAR)")
+        if spec == "retain":
+            warnings.warn("scar: surrogate='retain' distils on the retain set - this is retain-set distillation, "
+                          "not SCAR's out-of-distribution recipe (card 8)", UserWarning, stacklevel=2)
+            return
+        from unlearn_fast.data.registry import parse_spec
+
+        kind, path = parse_spec(spec)  # raises on a malformed spec
+        if (kind if path is None else f"{kind}:{path}") == u.data.name:
+            raise ValueError(f"scar: surrogate {spec!r} is the run's own dataset; pass out-of-distribution images "
+                             "(another data spec, e.g. 'glyphs')")
+
     def _surrogate(self, u: UnlearnContext) -> Dataset:
-        if self.hp.surrogate is None:
+        if self.hp.surrogate == "retain":
             return u.retain_set()
         from unlearn_fast.data import load
 
@@ -172,6 +209,7 @@ class Scar(UnlearningMethod):
         hp = self.hp
         if hp.stats_from not in ("retain", "surrogate"):
             raise ValueError(f"scar: stats_from must be 'retain' or 'surrogate', got {hp.stats_from!r}")
+        self.check_surrogate(u)
         model, teacher = u.copy_original(), u.original
         fset, sset = u.forget_set(), self._surrogate(u)
         phi_s, y_s = dataset_features(teacher, u.retain_set() if hp.stats_from == "retain" else sset, u.device)

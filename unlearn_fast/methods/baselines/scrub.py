@@ -13,7 +13,10 @@ Epoch ``e = 1..epochs``: lr = ``lr * lr_decay_rate ** #{m in lr_decay_epochs : e
 (batches of ``retain_batch_size``); one SGD optimizer (momentum state shared by both kinds of pass).
 
 Defaults: the card's large-scale (CIFAR-10 ResNet) setting; ``preset="small"`` is its small-scale
-setting (Adam, wd 0.1, T 2, gamma 1, alpha 0.5, msteps 3, 10 epochs, decay at 5/8/9). The
+setting (Adam, wd 0.1, T 2, gamma 1, alpha 0.5, msteps 3, 10 epochs, decay at 5/8/9);
+``preset="ec_table10"`` is EC's (alpha = gamma = 1, 200 max steps: ``forget_steps`` caps each max pass
+at that many optimizer steps, cycling D_f - the UUEF port's 200 max steps per epoch). ``msteps=0``
+switches the forgetting (max) term off: SCRUB's ablation. The
 ``beta`` term of the code is the weight of other distillers and is 0 in every SCRUB setting: omitted.
 
 Each pass is its own resumable stage (``max<e>`` / ``min<e>``) so that a ``<method>+ec`` plug-in
@@ -47,6 +50,31 @@ def distill_kl(z_s: Tensor, z_t: Tensor, T: float) -> Tensor:
     return F.kl_div(log_p_s, p_t, reduction="sum") * (T * T) / z_s.shape[0]
 
 
+class CycledForget:
+    """Exactly ``steps`` forget batches of ``batch_size`` (``{"forget": (x, y), "retain": None}``): the forget
+    set in seeded permutations, one after another (EC Table 10's fixed number of max steps). Deterministic
+    in (seed, epoch, start), so a resumed stage continues where it stopped."""
+
+    def __init__(self, forget, batch_size: int, steps: int, seed: int) -> None:
+        if steps < 1 or batch_size < 1 or not len(forget):
+            raise ValueError(f"scrub: forget_steps and batch_size must be >= 1 and the forget set non-empty, got "
+                             f"{steps}, {batch_size}, {len(forget)} samples")
+        self.forget, self.bs, self.steps, self.seed = forget, batch_size, steps, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __call__(self, epoch: int, start: int = 0):
+        from unlearn_fast.methods.baselines.duck import fetch
+
+        n = len(self.forget)
+        per = max(1, n // self.bs)  # whole batches per permutation (one short batch when n < batch_size)
+        for i in range(start, self.steps):
+            rnd, j = divmod(i, per)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7919 + rnd))
+            yield {"forget": fetch(self.forget, perm[j * self.bs:(j + 1) * self.bs]), "retain": None}
+
+
 @register_method("scrub")
 class Scrub(UnlearningMethod):
     """SCRUB (card 5); see the module docstring."""
@@ -66,11 +94,14 @@ class Scrub(UnlearningMethod):
         msteps: int = 2                       # epochs with a max pass
         lr_decay_epochs: tuple[int, ...] = (3, 5, 9)
         lr_decay_rate: float = 0.1
+        forget_steps: int | None = None       # max-step optimizer steps per max pass (D_f cycled); None: one pass
 
     @classmethod
     def presets(cls) -> dict[str, dict]:
         return {"small": dict(optimizer="adam", lr=5e-4, weight_decay=0.1, kd_T=2.0, gamma=1.0, alpha=0.5, msteps=3,
-                              epochs=10, lr_decay_epochs=(5, 8, 9))}
+                              epochs=10, lr_decay_epochs=(5, 8, 9)),
+                # EC Table 10: alpha = gamma = 1, m_steps = 200 max-phase steps (UUEF port: 200 per epoch)
+                "ec_table10": dict(alpha=1.0, gamma=1.0, forget_steps=200)}
 
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         hp = self.hp
@@ -96,8 +127,13 @@ class Scrub(UnlearningMethod):
             for g in opt.param_groups:
                 g["lr"] = lr
             if e <= hp.msteps:
-                self.stage(u, f"max{e}", model, max_loss, optimizer=opt, epochs=1, drive="forget", retain=None,
-                           select_best=False, min_steps=0)
+                if hp.forget_steps is None:
+                    self.stage(u, f"max{e}", model, max_loss, optimizer=opt, epochs=1, drive="forget", retain=None,
+                               select_best=False, min_steps=0)
+                else:
+                    cyc = CycledForget(u.forget_set(), hp.batch_size, hp.forget_steps, u.run.seed + e)
+                    self.stage(u, f"max{e}", model, max_loss, optimizer=opt, epochs=1, batches=cyc,
+                               n_batches=len(cyc), select_best=False, min_steps=0)
             self.stage(u, f"min{e}", model, min_loss, optimizer=opt, epochs=1, drive="retain", forget=None,
                        select_best=False, min_steps=0)
             if hp.select_best:
