@@ -11,6 +11,7 @@ import os
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _extensions():
@@ -30,8 +31,11 @@ def _extensions():
     cxx = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
     define = []
     if use_cuda:
-        # Hopper is the target GPU; override with TORCH_CUDA_ARCH_LIST for others.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        # A100 (8.0), RTX 30xx / A40 (8.6), RTX 40xx / L40 / L4 (8.9), H100 / H200 (9.0) as cubins, plus
+        # 9.0 PTX that the driver JIT-compiles for newer GPUs (Blackwell). TORCH_CUDA_ARCH_LIST overrides.
+        # At run time unlearn_fast.ops.backend.cuda_ext_usable() probes whether a GPU got a kernel and
+        # falls back to the reference ops (one warning) when it did not.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         ext = ce.CUDAExtension(
             "unlearn_fast._C",
             cpp + cu,

@@ -65,6 +65,16 @@ def cuda_time_ms(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> float
     return times[len(times) // 2]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tf32_on():
+    """Benchmarks run fp32 with TF32 for matmul and conv (DESIGN §8), set explicitly through torch's
+    fp32_precision API (``unlearn_fast.ops.backend.set_tf32``) for torch and the Triton kernels alike."""
+    from unlearn_fast.ops.backend import tf32_policy
+
+    with tf32_policy(True):
+        yield
+
+
 @pytest.fixture(scope="session")
 def device_name() -> str:
     return device_slug()

@@ -104,21 +104,52 @@ def test_hmean_numeric():
     assert h_mean([50, 0, 90]) == 0.0 and math.isnan(h_mean([]))
 
 
-def test_evaluate_unlearned_self_and_checks():
+def test_evaluate_unlearned_against_references():
+    """Three different models (unlearned, original, retrained): every number against an independent
+    float64 reference on the test forget samples - never a model compared with itself."""
+    import numpy as np
+
     from unlearn_fast.data import load
     from unlearn_fast.models import create
+    from unlearn_fast.reference.cka import linear_cka_ref
+    from unlearn_fast.reference.divergence import js_divergence_ref
 
     data = load("digits")
-    torch.manual_seed(0)
-    m = create("small_cnn", num_classes=10, in_chans=1, img_size=8)
-    r = evaluate_unlearned(m, m, data, [0, 9], retrained=m)
-    assert r["CKA"] == pytest.approx(100) and r["JS"] == pytest.approx(0, abs=1e-7)
-    assert all(v == pytest.approx(100) for v in r["cka_layers"].values())
-    assert r["n"]["test_forget"] == int(torch.isin(data.targets["test"], torch.tensor([0, 9])).sum())
-    no_ret = evaluate_unlearned(m, m, data, [4])
+    forget = [0, 9]
+    nets = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        nets.append(create("small_cnn", num_classes=10, in_chans=1, img_size=8).eval())
+    m, o, rt = nets
+    r = evaluate_unlearned(m, o, data, forget, retrained=rt)
+
+    xs, ys = zip(*[data.test[i] for i in range(len(data.test))])
+    x, y = torch.stack(xs), torch.as_tensor(ys)
+    f = torch.isin(y, torch.tensor(forget))
+
+    def pen(net):  # the classifier's input = pooled penultimate feature (float64)
+        grab = []
+        h = net.fc.register_forward_pre_hook(lambda _m, inp: grab.append(inp[0].double()))
+        with torch.no_grad():
+            logits = net(x[f])
+        h.remove()
+        return grab[0], logits.double()
+
+    (pm, lm), (po, _), (_, lr) = pen(m), pen(o), pen(rt)
+    assert r["cka_layer"] == "pool"
+    assert r["CKA"] == pytest.approx(100 * linear_cka_ref(pm, po), abs=1e-6)
+    assert r["CKA_retrain"] == pytest.approx(100 * linear_cka_ref(pm, pen(rt)[0]), abs=1e-6)
+    assert r["JS"] == pytest.approx(float(js_divergence_ref(lm, lr).mean()), abs=1e-6)
+    with torch.no_grad():
+        pred = m(x).argmax(1)
+    assert r["TFA"] == pytest.approx(100 * float((pred[f] == y[f]).double().mean()), abs=1e-9)
+    assert r["TRA"] == pytest.approx(100 * float((pred[~f] == y[~f]).double().mean()), abs=1e-9)
+    assert 0 < r["CKA"] < 100 and r["JS"] > 0  # different models: nothing is trivially 100 or 0
+    assert np.isfinite(r["ZRF"]) and r["n"]["test_forget"] == int(f.sum())
+    no_ret = evaluate_unlearned(m, o, data, [4])
     assert no_ret["JS"] is None and no_ret["cka_retrain_layers"] is None
     with pytest.raises(ValueError, match="subset of 0..9"):
-        evaluate_unlearned(m, m, data, [10])
+        evaluate_unlearned(m, o, data, [10])
 
 
 def test_select_by_scores(cmp):

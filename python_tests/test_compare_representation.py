@@ -12,8 +12,8 @@ from unlearn_fast.evaluation.compare_report import not_forgotten, per_class_tabl
 from unlearn_fast.evaluation.unlearn_eval import h_mean, hmean_scores
 
 FAST = dict(model="small_cnn", data="digits", forget="1,3", device="cpu", progress=False,
-            original_hparams={"max_epochs": 4}, tsne_neighbors=3, tsne_max_per_class=12)
-HP = {"wf": {"batch_size": 64, "grad_accum": 1, "max_epochs": 3, "patience": None}, "ga": {"epochs": 2, "lr": 0.01}}
+            original_hparams={"max_epochs": 4, "min_steps": 20}, tsne_neighbors=3, tsne_max_per_class=12, max_per_class=70)
+HP = {"wf": {"batch_size": 64, "grad_accum": 1, "max_epochs": 3, "patience": None}, "ga": {"epochs": 1, "lr": 0.01, "min_steps": 5}}
 REP = {"idi": {"preset": "cpu", "epochs": 2, "max_steps": 10}}
 
 
@@ -68,7 +68,7 @@ def test_wf_row_is_the_baked_gate_model(cmp):
     plain = compose(wf, [1, 3])
     from unlearn_fast.evaluation.unlearn_eval import forget_accuracies
 
-    data = unlearn_fast.data.load("digits")
+    data = unlearn_fast.data.load("digits", max_per_class=70)
     tfa, tra = forget_accuracies(plain, data.test, [1, 3], "cpu")
     row = cmp.metrics["rows"]["wf"]
     assert row["TFA"] == pytest.approx(tfa) and row["TRA"] == pytest.approx(tra)
@@ -101,3 +101,20 @@ def test_bad_options_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="cannot load the downstream dataset"):
         unlearn_fast.compare(methods=["ga"], run_dir=tmp_path / "b", knn_data="folder:/no/such", **FAST)
     assert not (tmp_path / "a" / "original.safetensors").exists() and not (tmp_path / "b" / "original.safetensors").exists()
+
+
+def test_wf_representation_per_class(cmp):
+    """`evaluate` of a WF run: each gate row baked and measured like a method (probe + MIA here)."""
+    from unlearn_fast.evaluation.representation import (RepresentationOptions, representation_metrics,
+                                                         wf_representation_per_class)
+    from unlearn_fast.models.io import load_model
+    from unlearn_fast.nn import bake, load_wf
+
+    data = unlearn_fast.data.load("digits", max_per_class=70)
+    orig = load_model(cmp.run_dir / "original.safetensors")
+    wf = load_wf(cmp.run_dir / "wf.safetensors", orig)
+    opts = RepresentationOptions.make("probe,mia,idi")
+    per = wf_representation_per_class(wf, orig, {}, data, [3, 5], opts, device="cpu")
+    assert sorted(per) == [3, 5] and per[5]["IDI"] is None and "IDI needs the retrained model" in per[5]["notes"]
+    want = representation_metrics(bake(wf, 5), orig, None, data, [5], opts, device="cpu")
+    assert per[5]["probe_TFA"] == want["probe_TFA"] and per[5]["MIA"] == want["MIA"]

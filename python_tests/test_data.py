@@ -182,7 +182,7 @@ def test_user_statistics_and_bad_arguments():
 
 
 def test_specs():
-    assert set(list_datasets()) == {"digits", "idx", "cifar10", "cifar100", "folder", "faces"}
+    assert set(list_datasets()) == {"digits", "idx", "cifar10", "cifar100", "folder", "faces", "glyphs"}
     assert parse_spec("mnist:/x/y") == ("idx", "/x/y")
     with pytest.raises(ValueError, match="unknown dataset spec 'svhn:/data'.*cifar10:DIR"):
         load("svhn:/data")

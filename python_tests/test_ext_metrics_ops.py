@@ -125,3 +125,73 @@ def test_opcheck_every_op(device):
     S = r(3, 4).double()
     torch.library.opcheck(ops.cka_centered_sqnorm, (S, r(3).double(), r(4).double(), 9.0, [0, 3], [0, 1, 4]))
     torch.library.opcheck(ops.hsic_minibatch_accumulate, ([X, Y], _z(2, 2, device=device)))
+    torch.library.opcheck(ops.cka_accumulate_cross, ([X, Y], [Y], _z(7, 4, device=device),
+                                                     [_z(3, 3, device=device), _z(4, 4, device=device)],
+                                                     [_z(4, 4, device=device)], [_z(3, device=device), _z(4, device=device)],
+                                                     [_z(4, device=device)]))
+    torch.library.opcheck(ops.hsic_cross_accumulate, ([X, Y], [Y], _z(2, 1, device=device), _z(2, device=device),
+                                                      _z(1, device=device), True))
+    torch.library.opcheck(ops.hsic_cross_accumulate, ([X, Y], [Y, X], _z(2, device=device), _z(2, device=device),
+                                                      _z(2, device=device), False))
+
+
+def _cross_stats(xs, ys, device):
+    Dx, Dy = sum(x.shape[1] for x in xs), sum(y.shape[1] for y in ys)
+    return (_z(Dx, Dy, device=device), [_z(x.shape[1], x.shape[1], device=device) for x in xs],
+            [_z(y.shape[1], y.shape[1], device=device) for y in ys], [_z(x.shape[1], device=device) for x in xs],
+            [_z(y.shape[1], device=device) for y in ys])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cka_accumulate_cross_matches_reference(device, dtype):
+    """Only the blocks that are read: S_xy over all widths, S_xx / S_yy per layer; float32 features are
+    multiplied batch-centred in float32 with float64 shift terms - exact to float32 rounding of the
+    centred products even for features whose mean dwarfs their spread."""
+    g = torch.Generator().manual_seed(3)
+    xs = [(torch.randn(29, d, generator=g) * 2 + 40).to(device, dtype) for d in (3, 1, 17)]
+    ys = [(torch.randn(29, d, generator=g) - 25).to(device, dtype) for d in (5, 2)]
+    got, want = _cross_stats(xs, ys, device), _cross_stats(xs, ys, device)
+    for a, b in ((0, 11), (11, 12), (12, 29)):  # uneven batches, one of a single row
+        _ops().cka_accumulate_cross([x[a:b] for x in xs], [y[a:b] for y in ys], got[0], *got[1:])
+        cka_ref.cka_accumulate_cross_ref([x[a:b] for x in xs], [y[a:b] for y in ys], want[0], *want[1:])
+    # the statistics themselves (raw sums, dominated by the means) ...
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got[0].cpu(), want[0].cpu(), rtol=tol, atol=tol * 1e3)
+    # ... and the centred quantity CKA reads, relative to its own size
+    got_c = M.cka_finalize_cross(got[0], *got[1:], n=29)
+    want_c = M.cka_finalize_cross(want[0], *want[1:], n=29)
+    torch.testing.assert_close(got_c, want_c, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    with pytest.raises(RuntimeError, match=r"sxy must be float64 \[Dx, Dy\]"):
+        _ops().cka_accumulate_cross(xs, ys, _z(3, 3, device=device), *got[1:])
+    with pytest.raises(RuntimeError, match="one entry per xs"):
+        _ops().cka_accumulate_cross(xs, ys, got[0], got[1][:2], *got[2:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [4, 5, 37, 300])
+@pytest.mark.parametrize("all_pairs", [True, False])
+def test_hsic_cross_matches_reference(device, n, all_pairs):
+    """The fused minibatch HSIC (lower-triangle Gram blocks of centred features, float64 sums) against
+    float64 Gram matrices of the raw features; n = 300 spans several row blocks."""
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randn(n, d, generator=g).abs().to(device) + 3 for d in (5, 1, 70)]
+    ys = [xs[0] @ torch.randn(5, 4, generator=g).to(device) + torch.randn(n, 4, generator=g).to(device),
+          torch.randn(n, 2, generator=g).to(device), xs[2][:, :9] * 2 - 1]
+    for dt, tol in ((torch.float64, 1e-8), (torch.float32, 1e-6)):  # fp64: the un-centred reference cancels
+        a = [t.to(dt) for t in xs]
+        b = [t.to(dt) for t in ys]
+        shape = (3, 3) if all_pairs else (3,)
+        got = (_z(*shape, device=device), _z(3, device=device), _z(3, device=device))
+        want = (_z(*shape, device=device), _z(3, device=device), _z(3, device=device))
+        _ops().hsic_cross_accumulate(a, b, *got, all_pairs)
+        cka_ref.hsic_cross_accumulate_ref(a, b, *want, all_pairs)
+        for u, v in zip(got, want):  # relative to the largest HSIC of the batch
+            scale = max(float(v.abs().max()), 1e-30)
+            assert float((u - v).abs().max()) / scale < tol, (dt, u, v)
+    with pytest.raises(RuntimeError, match="n >= 4"):
+        _ops().hsic_cross_accumulate([x[:3] for x in xs], [y[:3] for y in ys], *got, all_pairs)
+    if not all_pairs:
+        with pytest.raises(RuntimeError, match="as many xs as ys"):
+            _ops().hsic_cross_accumulate(xs, ys[:2], _z(3, device=device), _z(3, device=device), _z(2, device=device),
+                                         False)

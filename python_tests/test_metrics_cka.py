@@ -192,3 +192,104 @@ def test_linear_cka_errors():
         em.LinearCKA(a, a, ["fc"], estimator="rbf")
     with pytest.raises(ValueError, match="with one n"):
         em.linear_cka(torch.randn(3, 2), torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_all_pairs_keeps_only_the_read_blocks(backend):
+    """pairs='all': S_xy over the summed widths, but S_xx / S_yy per layer only (no D x D over all layers)."""
+    g = torch.Generator().manual_seed(5)
+    dims_a, dims_b = [3, 8, 1], [5, 2, 4]
+    fa = [torch.randn(50, d, generator=g) * 3 + 10 for d in dims_a]
+    fb = [fa[0] @ torch.randn(3, 5, generator=g) + 0.1 * torch.randn(50, 5, generator=g),
+          torch.randn(50, 2, generator=g), fa[1][:, :4] - 7]
+    with use_backend(backend):
+        m = em.LinearCKA.for_features(["a", "b", "c"], pairs="all")
+        for s in (slice(0, 21), slice(21, 22), slice(22, 50)):
+            m.update_features([f[s] for f in fa], [f[s] for f in fb])
+        out = m.compute()
+    assert [tuple(t.shape) for t in m.sxx] == [(d, d) for d in dims_a]
+    assert [tuple(t.shape) for t in m.syy] == [(d, d) for d in dims_b]
+    assert len(m.sxy) == 1 and tuple(m.sxy[0].shape) == (sum(dims_a), sum(dims_b))
+    want = np.array([[np_cka(a.numpy(), b.numpy()) for b in fb] for a in fa])
+    np.testing.assert_allclose(out["cka"].numpy(), want, rtol=0, atol=1e-6)
+    assert em.exact_state_bytes(dims_a, dims_b, "all") == 8 * (sum(dims_a) * sum(dims_b) + 9 + 64 + 1 + 25 + 4 + 16
+                                                                + sum(dims_a) + sum(dims_b))
+    assert em.exact_state_bytes(dims_a, dims_b, "diagonal") == 8 * (15 + 16 + 4 + 9 + 64 + 1 + 25 + 4 + 16 + 12 + 11)
+
+
+def test_exact_over_memory_refuses_and_auto_switches():
+    g = torch.Generator().manual_seed(6)
+    fa = [torch.randn(12, 40, generator=g), torch.randn(12, 30, generator=g)]
+    fb = [f + 0.3 * torch.randn(12, f.shape[1], generator=g) for f in fa]
+    limit = em.exact_state_bytes([40, 30], [40, 30], "all") - 1
+    exact = em.LinearCKA.for_features(["a", "b"], pairs="all", memory_limit=limit)
+    with pytest.raises(ValueError, match="estimator='minibatch'.*or estimator='auto'"):
+        exact.update_features(fa, fb)
+    auto = em.LinearCKA.for_features(["a", "b"], pairs="all", estimator="auto", memory_limit=limit)
+    auto.update_features(fa, fb)
+    out = auto.compute()
+    assert out["estimator"] == "minibatch" and out["cka"].shape == (2, 2)
+    mb = cka_ref.minibatch_hsic_cka_ref([fa[1]], [fb[0]])
+    assert abs(float(out["cka"][1, 0]) - mb) < 1e-6
+    fits = em.LinearCKA.for_features(["a", "b"], pairs="all", estimator="auto", memory_limit=limit + 1)
+    fits.update_features(fa, fb)
+    assert fits.compute()["estimator"] == "exact"
+    with pytest.raises(ValueError, match="memory_limit"):
+        em.LinearCKA.for_features(["a"], memory_limit=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pairs", ["all", "diagonal"])
+def test_minibatch_fused_matches_reference(backend, pairs):
+    """The fused minibatch estimator (only A x B pairs and the self terms) against the float64 reference
+    estimator, pair by pair, over uneven minibatches (one of 7 rows, the row-block edge cases)."""
+    g = torch.Generator().manual_seed(7)
+    n = 207
+    fa = [torch.randn(n, d, generator=g).abs() + 2 for d in (6, 33, 1)]
+    fb = [fa[0] @ torch.randn(6, 3, generator=g), torch.randn(n, 50, generator=g) + fa[1][:, :1], fa[2] * -2 + 1]
+    cuts = [(0, 100), (100, 107), (107, n)]
+    with use_backend(backend):
+        m = em.LinearCKA.for_features(["a", "b", "c"], estimator="minibatch", pairs=pairs)
+        for a, b in cuts:
+            m.update_features([f[a:b] for f in fa], [f[a:b] for f in fb])
+        got = m.compute()["cka"].numpy()
+    want = np.array([[cka_ref.minibatch_hsic_cka_ref([x[a:b] for a, b in cuts], [y[a:b] for a, b in cuts])
+                      for y in fb] for x in fa])
+    np.testing.assert_allclose(got, want if pairs == "all" else np.diag(want), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_hooks_take_the_module_input(backend):
+    """'fc:in' hooks the classifier's input: for _Net that is the flattened pool output."""
+    a, b = _Net(0).eval(), _Net(1).eval()
+    x = torch.randn(31, 3, 5, 5, generator=torch.Generator().manual_seed(8))
+    with use_backend(backend):
+        m_in = em.LinearCKA(a, b, ["fc:in", "fc"], pairs="all")
+        m_in.update(x)
+        m_pool = em.LinearCKA(a, b, ["pool", "fc"], pairs="all")
+        m_pool.update(x)
+    np.testing.assert_allclose(m_in.compute()["cka"].numpy(), m_pool.compute()["cka"].numpy(), rtol=0, atol=1e-12)
+    with pytest.raises(KeyError, match="nope:in"):
+        em.LinearCKA(a, b, ["nope:in"])
+    assert em.hooked_module_name("head:in") == ("head", True) and em.hooked_module_name("fc") == ("fc", False)
+
+
+def test_vit_cka_layer_is_the_head_input():
+    """ViT/Swin CKA is taken at the classifier's input (after the final norm and token pooling)."""
+    from unlearn_fast.evaluation.unlearn_eval import penultimate_layer
+    from unlearn_fast.models import create
+
+    torch.manual_seed(0)
+    a = create("vit_tiny", num_classes=3, in_chans=1, img_size=16).eval()
+    b = create("vit_tiny", num_classes=3, in_chans=1, img_size=16).eval()
+    assert penultimate_layer(a) == "head:in"
+    x = torch.randn(12, 1, 16, 16, generator=torch.Generator().manual_seed(9))
+    grab = {}
+    for tag, net in (("a", a), ("b", b)):
+        h = net.head.register_forward_pre_hook(lambda _m, inp, k=tag: grab.__setitem__(k, inp[0].detach()))
+        with torch.no_grad():
+            net(x)
+        h.remove()
+    m = em.LinearCKA(a, b, [penultimate_layer(a)])
+    m.update(x)
+    assert abs(float(m.compute()["cka"][0]) - cka_ref.linear_cka_ref(grab["a"], grab["b"])) < 1e-6

@@ -17,10 +17,10 @@ def digits_models():
 
 
 def test_stratified_indices_counts_and_seed():
-    y = torch.tensor([0] * 7 + [1] * 300 + [2] * 51 + [5] * 2)
+    y = torch.tensor([0] * 7 + [1] * 301 + [2] * 51 + [5] * 2)
     idx = stratified_indices(y, fraction=0.02, min_per_class=5, seed=3)
     counts = torch.bincount(y[idx], minlength=6).tolist()
-    assert counts == [5, 6, 5, 0, 0, 2]  # max(5, ceil(.02 n)) capped at n
+    assert counts == [5, 7, 5, 0, 0, 2]  # max(5, ceil(.02 n)) capped at n: ceil(6.02) = 7
     assert torch.equal(idx, stratified_indices(y, 0.02, 5, seed=3)) and not torch.equal(idx, stratified_indices(y, 0.02, 5, seed=4))
     assert len(set(idx.tolist())) == len(idx)
     with pytest.raises(ValueError, match="fraction"):

@@ -189,10 +189,11 @@ def test_stale_checkpoint_is_not_resumed(tmp_path):
     ck = load_state(d / "state" / "wf.pt")
     (d / "wf.safetensors").unlink()
     ck["loop"]["done"] = False
+    ck["loop"]["steps"] = 12345
     torch.save(ck, d / "state" / "wf.pt")  # looks interrupted, made with lambdas (1,10,1)
     _wf(d, max_epochs=1, lambdas=[1, 2, 1])
     assert load_state(d / "state" / "wf.pt")["fingerprint"] == read_metadata(d / "wf.safetensors")["fingerprint"]
-    assert read_metadata(d / "wf.safetensors")["stages"]["wf untrain"]["steps"] > 0
+    assert 0 < read_metadata(d / "wf.safetensors")["stages"]["wf untrain"]["steps"] < 12345
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -244,3 +245,33 @@ def test_small_data_recipe_trains_an_original_and_wf_takes_steps(tmp_path):
     assert any("random translation" in n for n in st["original"]["notes"])
     assert not any("no optimizer step" in r for r in res.health["reasons"])
     assert math.isfinite(res.metrics["summary"]["rows"]["wf"]["acc_r"])
+
+
+# -- compare ---------------------------------------------------------------------------------------
+def test_compare_marks_a_failing_method_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """A method that raises during unlearning is a `fail` row, the others still run, and the CLI exits 1."""
+    from dataclasses import dataclass
+
+    from unlearn_fast.methods import registry
+    from unlearn_fast.methods.unlearning import UnlearnHparams, UnlearningMethod
+
+    class Boom(UnlearningMethod):
+        name = "boom"
+
+        @dataclass
+        class Hparams(UnlearnHparams):
+            pass
+
+        def unlearn(self, u):
+            raise RuntimeError("planted failure")
+
+    monkeypatch.setitem(registry._REGISTRY, "boom", Boom)
+    rc = main(["compare", "--methods", "boom,ga", "--forget", "2", "--run-dir", str(tmp_path), "--device", "cpu",
+               "--quiet", "--max-per-class", "40", "--original-set", "fit_to_data=false", "--original-set", "max_epochs=4",
+               "--set", "ga.epochs=1", "--set", "ga.fit_to_data=false"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["rows"]["boom"]["status"] == "failed" and m["rows"]["boom"]["health"]["status"] == "fail"
+    assert m["rows"]["ga"]["status"] == "ok" and m["health"]["methods"] == {"boom": "fail", "ga": m["rows"]["ga"]["health"]["status"]}
+    assert "verdict: FAIL" in out and "planted failure" in out

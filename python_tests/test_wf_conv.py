@@ -34,7 +34,9 @@ C_IN = {7: 5}
 
 
 @pytest.fixture(autouse=True)
-def _ieee():
+def _ieee_and_fused_path(monkeypatch):
+    # this file tests the implicit-GEMM kernels (kernels/wf_conv.py); test_wf_epilogue.py the other path
+    monkeypatch.setenv("UNLEARN_FAST_CONV_PATH", "fused")
     with tf32_policy(False):  # explicit: the 1e-5 comparisons below need IEEE fp32 on a GPU too
         yield
 

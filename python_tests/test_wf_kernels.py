@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
-from unlearn_fast.kernels import _common, _tf32, wf_conv, wf_linear  # noqa: E402
+from unlearn_fast.kernels import _common, _tf32, wf_conv, wf_epilogue, wf_linear  # noqa: E402
 from unlearn_fast.ops import wf_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,8 +21,10 @@ def _t(*shape, grad=False, gen=None):
     return torch.randn(*shape, generator=gen).to(DEV).requires_grad_(grad)
 
 
+@pytest.mark.parametrize("path", ["fused", "epilogue"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck_conv_ops(channels_last):
+def test_opcheck_conv_ops(channels_last, path, monkeypatch):
+    monkeypatch.setenv("UNLEARN_FAST_CONV_PATH", path)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, 6, generator=gen)
     if channels_last:
@@ -62,7 +64,7 @@ def test_opcheck_linear_ops(T):
 def test_no_atomics_in_the_kernels():
     # dalpha must be deterministic on the GPU: the reduction writes partials and sums them in a fixed
     # order (the interpreter runs programs one by one, so only this guard catches a return of atomics)
-    for mod in (_common, wf_conv, wf_linear):
+    for mod in (_common, wf_conv, wf_linear, wf_epilogue):
         assert "atomic_" not in inspect.getsource(mod), mod.__name__
 
 
@@ -147,3 +149,38 @@ def test_tf32_inherit_chain():
         assert not _tf32.tf32_enabled("matmul") and not _tf32.tf32_enabled("conv")
     finally:
         b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision = saved
+
+
+def test_arch_list_covers():
+    from unlearn_fast.ops.backend import arch_list_covers
+
+    default = "8.0;8.6;8.9;9.0+PTX"  # setup.py's default
+    assert all(arch_list_covers(c, default) for c in [(8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (12, 0)])
+    assert not arch_list_covers((7, 5), default)
+    assert not arch_list_covers((10, 0), "9.0")  # no PTX: a newer major has no kernel
+    assert arch_list_covers((8, 6), "8.0") and not arch_list_covers((8, 0), "8.6")
+    assert arch_list_covers((9, 0), "9.0a") and not arch_list_covers((10, 0), "9.0a")
+
+
+def test_unsupported_gpu_falls_back_once_or_raises(monkeypatch, caplog):
+    from unlearn_fast.ops import backend
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(backend, "_capability", lambda d: (7, 0))  # a V100: no TF32 tl.dot
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    backend.triton_supported.cache_clear()
+    backend._warn_once.cache_clear()
+    try:
+        with backend.use_backend("auto"):
+            with caplog.at_level("WARNING", logger="unlearn_fast"):
+                assert backend.resolve("wf_conv2d", dev) == "torch"
+                assert backend.resolve("wf_conv2d", dev) == "torch"
+        assert sum("no fast kernel" in r.message for r in caplog.records) == 1  # one warning
+        with backend.use_backend("triton"), pytest.raises(RuntimeError, match="capability"):
+            backend.resolve("wf_conv2d", dev)
+        monkeypatch.setattr(backend, "_capability", lambda d: (9, 0))
+        backend.triton_supported.cache_clear()
+        with backend.use_backend("auto"):
+            assert backend.resolve("wf_conv2d", dev) == "triton"
+    finally:
+        backend.triton_supported.cache_clear()

@@ -66,7 +66,7 @@ def canonical(obj: Any) -> Any:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    open(path, "w").write(json.dumps(_json_plain(obj), indent=indent, allow_nan=True))
+    atomic_write_text(path, json.dumps(_json_plain(obj), indent=indent, allow_nan=True))
 
 
 def _json_plain(obj: Any) -> Any:

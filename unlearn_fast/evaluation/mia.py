@@ -132,7 +132,7 @@ def _threshold(x: Tensor, y: Tensor, seed: int, **kw: Any) -> _Attack:
     valid[1:-1] = vs[1:] != vs[:-1]
     acc_up[~valid] = -1
     acc_down[~valid] = -1
-    up = bool(acc_up.max() >= acc_down.max())
+    up = bool(acc_up.max() < acc_down.max())
     i = int((acc_up if up else acc_down).argmax())
     cut = (float(vs[i - 1]) + float(vs[i])) / 2 if 0 < i < len(vs) else (float(vs[0]) - 1 if i == 0 else float(vs[-1]) + 1)
     return _Attack((lambda t: t[:, 0] > cut) if up else (lambda t: t[:, 0] < cut), "threshold")

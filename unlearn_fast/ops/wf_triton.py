@@ -1,6 +1,8 @@
 """WF gate on the fused Triton kernels, as ``torch.library`` custom ops with autograd (DESIGN §3, §5).
 
-``wf_conv2d_triton`` / ``wf_linear_triton`` take the arguments of :mod:`unlearn_fast.reference.wf_gate`
+Conv layers run one of two paths chosen per layer shape (``kernels.conv_dispatch``): the fused
+implicit-GEMM kernels (``kernels.wf_conv``) or cuDNN conv + a fused Triton gate epilogue
+(``kernels.wf_epilogue``). ``wf_conv2d_triton`` / ``wf_linear_triton`` take the arguments of :mod:`unlearn_fast.reference.wf_gate`
 and return the same values. Gradients flow to ``x``, ``alpha_w`` and ``alpha_b`` only: WF freezes the
 original layer, so ``weight`` and ``bias`` get no gradient (None) even if they require one; without a bias alpha_b
 does not touch the output and gets None, as in the reference. The ops
@@ -19,7 +21,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from unlearn_fast.kernels import conv_dispatch as _cd
 from unlearn_fast.kernels import wf_conv as _kc
+from unlearn_fast.kernels import wf_epilogue as _ke
 from unlearn_fast.kernels import wf_linear as _kl
 from unlearn_fast.ops.wf_gate import check_labels
 
@@ -87,6 +91,13 @@ _linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 # ------------------------------------------------------------------------------------------- conv
+def _conv_path(x_shape: list[int], weight: Tensor, stride, padding, dilation) -> str:
+    """``"fused"`` or ``"epilogue"`` for this layer geometry (``kernels.conv_dispatch``); forward and
+    backward decide alike, so a backward always matches its forward."""
+    O, C, KH, KW = weight.shape
+    return _cd.choose(C, O, KH, KW, stride, padding, dilation, x_shape[2], x_shape[3])
+
+
 def _is_cl(t: Tensor) -> bool:
     """The kernels' channels-last rule (``kernels.wf_conv._empty_like_format``)."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
@@ -96,6 +107,8 @@ def _is_cl(t: Tensor) -> bool:
 def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha_w: Tensor, alpha_b: Optional[Tensor],
               labels: Tensor, stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     with _dev(x):
+        if _conv_path(list(x.shape), weight, stride, padding, dilation) == "epilogue":
+            return _ke.wf_conv2d_epilogue_forward(x, weight, bias, alpha_w, alpha_b, labels, stride, padding, dilation)
         return _kc.wf_conv2d_forward(x, weight, bias, alpha_w, alpha_b, labels, stride, padding, dilation)
 
 
@@ -114,8 +127,12 @@ def _conv_bwd(dy: Tensor, y: Tensor, x_shape: list[int], weight: Tensor, bias: O
     cl = _is_cl(y)
     dy = dy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     with _dev(dy):
-        dx, daw, dab = _kc.wf_conv2d_backward(dy, y, tuple(x_shape), weight, bias, alpha_w, alpha_b, labels,
-                                              stride, padding, dilation, need_dx, channels_last=cl)
+        if _conv_path(x_shape, weight, stride, padding, dilation) == "epilogue":
+            dx, daw, dab = _ke.wf_conv2d_epilogue_backward(dy, y, tuple(x_shape), weight, bias, alpha_w, alpha_b,
+                                                           labels, stride, padding, dilation, 1, need_dx)
+        else:
+            dx, daw, dab = _kc.wf_conv2d_backward(dy, y, tuple(x_shape), weight, bias, alpha_w, alpha_b, labels,
+                                                  stride, padding, dilation, need_dx, channels_last=cl)
     if dx is None:
         dx = dy.new_empty(0)
     return dx, daw.to(alpha_w.dtype), (dab.to(alpha_w.dtype) if dab is not None else alpha_w.new_empty(0))
