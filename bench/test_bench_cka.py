@@ -2,7 +2,9 @@
 layer x layer matrix (issue 9 item 7), beside pytorch-cka 1.1.3 on the same task:
 
 * time relative to the two models' forward passes alone (target <= 1.10x), each rep measured right
-  after a forward-only rep (interleaved: the ratio survives a shared, noisy machine), median ratio;
+  after a forward-only rep, median ratio; on the CPU the clock is this process's CPU time (one
+  thread: the cost of the work itself, immune to other load on a shared machine; wall-clock ratios
+  are recorded beside it), on a GPU wall time with synchronisation;
 * agreement with a float64 reference of the same estimator (target 1e-6): the exact form against a
   float64 NumPy CKA, the minibatch form against the float64 unbiased HSIC of every minibatch;
 * on a GPU also: peak memory flat in n, and the full evaluation from one forward pass.
@@ -102,27 +104,30 @@ def _pytorch_cka(a, b, batches):
     return cka.compute_cka(a, b, [loader], layers=LAYERS, device=DEV, progress=False)[0]
 
 
-def _timed(fn) -> tuple[float, object]:
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds). On the CPU, with one thread, CPU time is the cost of
+    the work itself: a shared machine's other load shows in wall time only."""
     _sync()
-    t0 = time.perf_counter()
-    out = fn()
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
     _sync()
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _ratio_interleaved(fn, fwd) -> dict:
-    """REPS x (forward-only, then fn), after one warm-up of each; median of the per-rep ratios."""
+    """REPS x (forward-only, then fn), after one warm-up of each; median of the per-rep ratios (CPU
+    time on the CPU, wall time on a GPU)."""
     fwd()
     fn()
-    t_f, t_x, ratios = [], [], []
+    rows = []
     for _ in range(REPS):
-        tf, _ = _timed(fwd)
-        tx, _ = _timed(fn)
-        t_f.append(tf)
-        t_x.append(tx)
-        ratios.append(tx / tf)
-    return {"forward_passes_s": statistics.median(t_f), "s": statistics.median(t_x),
-            "ratio_to_forward": statistics.median(ratios), "ratios": ratios}
+        rows.append((_timed(fwd), _timed(fn)))
+    k = 0 if ON_GPU else 1
+    ratios = [x[k] / f[k] for f, x in rows]
+    wall = [x[0] / f[0] for f, x in rows]
+    return {"clock": "wall" if ON_GPU else "process_cpu", "forward_passes_s": statistics.median(f[k] for f, _ in rows),
+            "s": statistics.median(x[k] for _, x in rows), "ratio_to_forward": statistics.median(ratios),
+            "ratios": ratios, "wall_ratios": wall}
 
 
 def _features(a, b, batches, pool):

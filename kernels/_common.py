@@ -219,7 +219,7 @@ def _dalpha_classes_kernel(p_ptr, lab_ptr, aw_ptr, ab_ptr, bias_ptr, daw_ptr, da
                     acc0 += tl.load(base + BO, mask=omask, other=0.0)
     gidx = c * O + ro
     g = tl.sigmoid(tl.load(aw_ptr + gidx, mask=omask, other=0.0).to(tl.float32))
-    tl.atomic_add(daw_ptr + gidx, (1.0 - g) * acc1, mask=omask)
+    tl.store(daw_ptr + gidx, (1.0 - g) * acc1, mask=omask)
     if HAS_ALPHA_B:
         if HAS_BIAS:
             gb = tl.sigmoid(tl.load(ab_ptr + gidx, mask=omask, other=0.0).to(tl.float32))

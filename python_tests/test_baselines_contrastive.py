@@ -32,7 +32,8 @@ FAST = {
     "cu": {},
     # batch 1024 / ratio 40 / 10 epochs = 410 steps on the whole retain set each: correct but slow on CPU
     "duck": {"batch_size": 64, "ratio": 5, "epochs": 3},
-    "scar": {"batch_size": 64, "ratio": 3, "epochs": 3},
+    # surrogate: out-of-distribution images (rendered characters, no files), as SCAR requires
+    "scar": {"batch_size": 64, "ratio": 3, "epochs": 3, "surrogate": "glyphs:20:20"},
     "cola": {"collapse_epochs": 2, "epochs": 2},
 }
 
@@ -87,6 +88,26 @@ def test_scar_card_check():
     assert mahalanobis_distance(x, mu, torch.eye(3)[None], 1.0).item() == pytest.approx(want.item(), rel=1e-5)
     cov = torch.tensor([[2.0, 0.5], [0.5, 4.0]])
     assert torch.allclose(shrink_covariance(cov, 3.0, 3.0), torch.tensor([[11.0, 2.0], [2.0, 13.0]]))
+
+
+def test_scar_distance_per_class_without_gather():
+    """The per-row distance to each row's own class (computed class by class) equals the direct
+    [n, d, d]-gather formula and the matching column of the all-classes form."""
+    g = torch.Generator().manual_seed(3)
+    n, d, K = 23, 6, 4
+    phi = torch.rand(n, d, generator=g)
+    means = torch.rand(K, d, generator=g)
+    a = torch.randn(K, d, d, generator=g)
+    prec = a @ a.transpose(1, 2) + torch.eye(d)
+    k = torch.randint(0, K, (n,), generator=g)
+    got = mahalanobis_distance(phi, means, prec, 0.5, classes=k)
+    v = torch.nn.functional.normalize(phi.sqrt(), dim=1)
+    diff = v - torch.nn.functional.normalize(means, dim=1)[k]
+    want = torch.einsum("nd,nde,ne->n", diff, prec[k], diff)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, mahalanobis_distance(phi, means, prec, 0.5).gather(1, k[:, None])[:, 0])
+    with pytest.raises(ValueError, match="classes must be"):
+        mahalanobis_distance(phi, means, prec, 0.5, classes=k[:3])
 
 
 def test_scar_class_precisions_match_formula():
@@ -191,12 +212,23 @@ def test_method_forgets_on_digits(method, original_run, digits, tmp_path):
     assert ra > ra0 - 0.15, f"{method}: retain accuracy {ra:.3f} vs original {ra0:.3f}"
 
 
-def test_scar_with_a_foreign_surrogate_and_surrogate_stats(original_run, digits, tmp_path):
-    # any dataset spec works as surrogate data (here digits itself, relabelled by the original model)
+def test_scar_needs_out_of_distribution_surrogate(original_run, digits, tmp_path):
+    """No surrogate, or the run's own dataset: refused before any work; 'retain' runs with a warning;
+    class statistics from OOD surrogate images labelled by the original model also work."""
     run = _copy(original_run, tmp_path / "run")
-    res = _train("scar", run, surrogate="digits", stats_from="surrogate", **FAST["scar"])
+    hp = {k: v for k, v in FAST["scar"].items() if k != "surrogate"}
+    with pytest.raises(ValueError, match="out-of-distribution surrogate"):
+        _train("scar", run, **hp)
+    with pytest.raises(ValueError, match="run's own dataset"):
+        _train("scar", run, surrogate="digits", **hp)
+    assert not (run / "scar.safetensors").exists() and not list((run / "state").glob("scar*"))
+    with pytest.warns(UserWarning, match="retain-set distillation"):
+        res = _train("scar", run, surrogate="retain", **{**hp, "epochs": 1})
+    assert res.model is not None
+    run2 = _copy(original_run, tmp_path / "run2")
+    res = _train("scar", run2, stats_from="surrogate", **FAST["scar"])
     fa, ra = _fa_ra(res.model, digits)
-    assert fa < 0.20 and ra > 0.8
+    assert fa < 0.20 and ra > 0.8, (fa, ra)
 
 
 class _Interrupt(Exception):

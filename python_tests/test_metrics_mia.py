@@ -72,6 +72,17 @@ def test_memorised_model_is_exposed_and_iid_is_chance(attack):
     assert abs(chance - 0.5) < 0.07, chance
 
 
+def test_rff_approximates_the_rbf_kernel():
+    from unlearn_fast.evaluation.mia import rff_map
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(40, 3, generator=g, dtype=torch.float64)
+    gamma = 1 / 3
+    phi = rff_map(3, 8192, gamma, seed=1)(x)
+    exact = torch.exp(-gamma * torch.cdist(x, x) ** 2)
+    assert float((phi @ phi.T - exact).abs().max()) < 0.05
+
+
 def test_scalable_attacks_agree_with_svc():
     g = torch.Generator().manual_seed(5)
     mem = (0.9 + 0.08 * torch.randn(400, 1, generator=g)).clamp(0, 1)

@@ -140,11 +140,11 @@ def test_tf32_inherit_chain():
     b = torch.backends
     saved = (b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision)
     try:
+        b.fp32_precision = "tf32"  # (torch copies a root value into the children when it is set)
         b.cuda.matmul.fp32_precision = "none"
         b.cudnn.conv.fp32_precision = "none"
         b.cudnn.fp32_precision = "none"
-        b.fp32_precision = "tf32"  # children inherit from the root
-        assert _tf32.tf32_enabled("matmul") and _tf32.tf32_enabled("conv")
+        assert _tf32.tf32_enabled("matmul") and _tf32.tf32_enabled("conv")  # "none" children inherit the root
         b.fp32_precision = "none"  # all "none": torch's default, IEEE
         assert not _tf32.tf32_enabled("matmul") and not _tf32.tf32_enabled("conv")
     finally:

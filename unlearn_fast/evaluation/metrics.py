@@ -212,7 +212,7 @@ class FeatureHooks:
         for name in layers:
             mod, on_input = hooked_module_name(name)
             if on_input:
-                self.handles.append(mods[mod].register_forward_hook(self._hook(name, pool)))
+                self.handles.append(mods[mod].register_forward_pre_hook(self._pre_hook(name, pool)))
             else:
                 self.handles.append(mods[mod].register_forward_hook(self._hook(name, pool)))
         self.layers = list(layers)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["MIA_FEATURES", "MIA_ATTACKS", "mia_features", "fit_attack", "membership_attack_accuracy",
-           "mia_efficacy", "svc_mia"]
+           "mia_efficacy", "svc_mia", "rff_map"]
 
 
 def _conf(p: Tensor, y: Tensor) -> Tensor:
@@ -102,15 +102,19 @@ def _svc(x: Tensor, y: Tensor, seed: int, **kw: Any) -> _Attack:
     return _Attack(lambda t: torch.as_tensor(clf.predict(t.numpy())), "svc")
 
 
+def rff_map(n_features: int, dim: int, gamma: float, seed: int = 0) -> Callable[[Tensor], Tensor]:
+    """Random Fourier features (Rahimi & Recht 2007): ``phi(x) . phi(x') ~ exp(-gamma ||x - x'||^2)``;
+    ``phi: [n, n_features] -> [n, dim]`` float64."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n_features, dim, generator=g, dtype=torch.float64) * math.sqrt(2 * gamma)
+    b = torch.rand(dim, generator=g, dtype=torch.float64) * 2 * math.pi
+    return lambda t: math.sqrt(2.0 / dim) * torch.cos(t.double() @ W + b)
+
+
 def _rff(x: Tensor, y: Tensor, seed: int, **kw: Any) -> _Attack:
     from unlearn_fast.evaluation.probe import fit_linear_probe
 
-    dim = int(kw.get("rff_dim", 512))
-    gamma = 1.0 / x.shape[1]  # sklearn gamma="auto"
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(x.shape[1], dim, generator=g, dtype=torch.float64) * math.sqrt(2 * gamma)
-    b = torch.rand(dim, generator=g, dtype=torch.float64) * 2 * math.pi
-    phi = lambda t: math.sqrt(2.0 / dim) * torch.cos(t @ W + b)  # noqa: E731  k(x, x') ~ phi(x).phi(x')
+    phi = rff_map(x.shape[1], int(kw.get("rff_dim", 512)), 1.0 / x.shape[1], seed)  # sklearn gamma="auto"
     head = fit_linear_probe(phi(x), y, 2, l2=float(kw.get("rff_l2", 1e-4)))
     return _Attack(lambda t: head(phi(t)).argmax(1), "rff")
 
@@ -132,7 +136,7 @@ def _threshold(x: Tensor, y: Tensor, seed: int, **kw: Any) -> _Attack:
     valid[1:-1] = vs[1:] != vs[:-1]
     acc_up[~valid] = -1
     acc_down[~valid] = -1
-    up = bool(acc_up.max() < acc_down.max())
+    up = bool(acc_up.max() >= acc_down.max())
     i = int((acc_up if up else acc_down).argmax())
     cut = (float(vs[i - 1]) + float(vs[i])) / 2 if 0 < i < len(vs) else (float(vs[0]) - 1 if i == 0 else float(vs[-1]) + 1)
     return _Attack((lambda t: t[:, 0] > cut) if up else (lambda t: t[:, 0] < cut), "threshold")

@@ -63,7 +63,8 @@ REG_FORMS = ("layer_mean", "sqrt")
 SELECT = ("loss", "hmean")
 # the paper's behaviour for every fidelity lever (part of preset="paper")
 PAPER_LEVERS = {"alpha_init": 3.0, "alpha_clip": 3.0, "select": "loss", "forget_stop": None, "forget_frac": 0.5, "reg_form": "layer_mean",
-                "reg_layer_weights": None, "gate_layers": "all", "gate_bias": True, "polish_steps": 0}
+                "reg_layer_weights": None, "gate_layers": "all", "gate_bias": True, "polish_steps": 0,
+                "gate_norm": False}
 
 
 def gated_layers(wf: WFModel, which: str = "all") -> list[tuple[str, _WFLayer]]:
@@ -229,6 +230,7 @@ class WF(Method):
         reg_layer_weights: tuple[float, ...] | None = None  # one weight per gated layer (None: plain mean)
         gate_layers: str = "all"              # gates that train: "all" (paper) | "skip_first" | "last"
         gate_bias: bool = True                # train the bias gates alpha_b too (paper); False keeps biases as they are
+        gate_norm: bool = False               # unit gates: effective gate sigmoid(alpha)/sigmoid(alpha_init), 1 at init
         polish_steps: int = 0                 # retain polish after forgetting: optimizer steps where gates may only open
         polish_lr: float | None = None        # polish learning rate (None: lr)
 
@@ -265,13 +267,15 @@ class WF(Method):
         ctx.seed_method(self.name)
         original = load_model(orig_path, ctx.device)
         wf = wrap(original, ctx.data.num_classes, hp.alpha_init).to(ctx.device)
+        if hp.gate_norm:
+            wf.gate_scale = 1.0 / float(torch.sigmoid(torch.tensor(hp.alpha_init, dtype=torch.float64)))
         layers = gated_layers(wf, hp.gate_layers)
         params = trainable_alphas(layers, hp.gate_bias)
         with torch.no_grad():  # gates that do not train stay fully open: those layers are the original ones
             ids = {id(p) for p in params}
             for a in wf.alpha_parameters():
                 if id(a) not in ids:
-                    a.fill_(OPEN)
+                    a.fill_(hp.alpha_init if hp.gate_norm else OPEN)
         hp_rec = {"preset": self.preset, **self.hparams()}
         fp = ctx.fingerprint("wf", hp_rec, {"original": artefact_meta(orig_path).get("digest")})
         if ctx.current(out, fp):

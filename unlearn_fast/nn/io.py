@@ -15,8 +15,8 @@ def save_wf(wf: WFModel, path: str | os.PathLike, **extra) -> None:
     from unlearn_fast.run_files import tensors_digest
 
     sd = wf.alpha_state_dict()
-    save_tensors(sd, path, {"num_classes": wf.num_classes, "alpha_init": wf.alpha_init, "digest": tensors_digest(sd),
-                            **extra})
+    save_tensors(sd, path, {"num_classes": wf.num_classes, "alpha_init": wf.alpha_init, "gate_scale": wf.gate_scale,
+                            "digest": tensors_digest(sd), **extra})
 
 
 def load_wf(path: str | os.PathLike, original: str | os.PathLike | torch.nn.Module,
@@ -35,4 +35,5 @@ def load_wf(path: str | os.PathLike, original: str | os.PathLike | torch.nn.Modu
         raise ValueError(f"{path}: alphas do not fit this model (missing {sorted(expected - set(tensors))[:3]}, "
                          f"unexpected {sorted(set(tensors) - expected)[:3]}); was it made for another original model?")
     wf.load_state_dict(tensors, strict=False)
+    wf.gate_scale = float(meta.get("gate_scale", 1.0))
     return wf.to(map_location)

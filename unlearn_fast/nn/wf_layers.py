@@ -15,10 +15,18 @@ from unlearn_fast.ops.wf_gate import check_labels, mark_labels_checked
 
 
 class GateContext:
-    """Per-forward state shared by all WF layers of one model: the current gate labels ``[B]``."""
+    """State shared by all WF layers of one model: the current gate labels ``[B]`` and the gate scale
+    ``s`` (effective gate ``s * sigmoid(alpha)``; 1 in the paper, ``1 / sigmoid(alpha_init)`` for
+    unit gates - an untouched gate then passes the layer exactly, see ``WFModel.gate_scale``)."""
 
     def __init__(self) -> None:
         self.labels: Tensor | None = None
+        self.scale: float = 1.0
+
+
+def _scaled(t: Tensor | None, s: float) -> Tensor | None:
+    """``s * t`` for the gated path (``s * g * (W x) + s * gb * b == g * (sW x) + gb * (s b)``)."""
+    return t if t is None or s == 1.0 else t * s
 
 
 class _WFLayer(nn.Module):
@@ -60,7 +68,8 @@ class WFConv2d(_WFLayer):
         c = self.inner
         if labels is None:
             return c(x)
-        return ops.wf_conv2d(x, c.weight, c.bias, self.alpha_w, self.alpha_b, labels,
+        s = self._ctx.scale
+        return ops.wf_conv2d(x, _scaled(c.weight, s), _scaled(c.bias, s), self.alpha_w, self.alpha_b, labels,
                              c.stride, c.padding, c.dilation, c.groups)
 
 
@@ -75,9 +84,10 @@ class WFLinear(_WFLayer):
         lin = self.inner
         if labels is None:
             return lin(x)
+        weight, bias = _scaled(lin.weight, self._ctx.scale), _scaled(lin.bias, self._ctx.scale)
         if x.dim() > 3:  # Swin windows: [B*nW, N, C] arrive flattened; other layouts flatten to [B, T, F]
             shp = x.shape
-            y = ops.wf_linear(x.reshape(shp[0], -1, shp[-1]), lin.weight, lin.bias, self.alpha_w, self.alpha_b, labels)
+            y = ops.wf_linear(x.reshape(shp[0], -1, shp[-1]), weight, bias, self.alpha_w, self.alpha_b, labels)
             return y.reshape(*shp[:-1], y.shape[-1])
         if x.shape[0] != labels.shape[0]:
             # Swin attention sees [B * n_windows, N, C]: repeat each sample's label over its windows.
@@ -86,4 +96,4 @@ class WFLinear(_WFLayer):
             check_labels(labels, labels.shape[0], self.num_classes)  # cached: no sync when WFModel checked
             labels = labels.repeat_interleave(x.shape[0] // labels.shape[0])
             mark_labels_checked(labels, self.num_classes)  # same values: the layer's op skips its sync
-        return ops.wf_linear(x, lin.weight, lin.bias, self.alpha_w, self.alpha_b, labels)
+        return ops.wf_linear(x, weight, bias, self.alpha_w, self.alpha_b, labels)

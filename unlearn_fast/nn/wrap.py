@@ -76,6 +76,19 @@ class WFModel(nn.Module):
         self.model = model
         self.model.eval()
 
+    @property
+    def gate_scale(self) -> float:
+        """``s`` in the effective gate ``s * sigmoid(alpha)`` (1: the paper). ``1 / sigmoid(alpha_init)``
+        makes an untouched gate exactly 1, so the gated model starts as the original model instead of
+        one whose every layer is scaled by ``sigmoid(3) = 0.95``."""
+        return self._ctx.scale
+
+    @gate_scale.setter
+    def gate_scale(self, s: float) -> None:
+        if not (isinstance(s, (int, float)) and s > 0):
+            raise ValueError(f"gate_scale must be a positive number, got {s!r}")
+        self._ctx.scale = float(s)
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor, forget_labels: Tensor | None = None) -> Tensor:
         if forget_labels is not None:
@@ -164,8 +177,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _composed_gates(layer: _WFLayer, classes: Sequence[int]) -> tuple[Tensor, Tensor | None]:
     idx = torch.as_tensor(list(classes), dtype=torch.long, device=layer.alpha_w.device)
-    gw = torch.sigmoid(layer.alpha_w.index_select(0, idx)).prod(0)
-    gb = torch.sigmoid(layer.alpha_b.index_select(0, idx)).prod(0) if layer.alpha_b is not None else None
+    s = layer._ctx.scale
+    gw = (s * torch.sigmoid(layer.alpha_w.index_select(0, idx))).prod(0)
+    gb = (s * torch.sigmoid(layer.alpha_b.index_select(0, idx))).prod(0) if layer.alpha_b is not None else None
     return gw, gb
 
 
