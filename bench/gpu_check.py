@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,22 @@ def main() -> int:
             write_results(device, "wf_gpu_check", {key: entry})
 
     save("_started", time.strftime("%Y-%m-%d %H:%M:%S"))
-    for phase, kind, m, v, cl in plan(model_ids, lambda m: "resnet" in m):
+    # a time limit (timeout's SIGTERM) still prints the table of what was measured
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(SystemExit(124)))
+    try:
+        _run_plan(plan(model_ids, lambda m: "resnet" in m), args, states, save, batch, reps, tol, t_start)
+    finally:
+        table = wb.render({k: v for k, v in results.items() if isinstance(v, dict)}, model_ids)
+        print(table, flush=True)
+        (out_dir / "wf_gpu_check.md").write_text(table)
+    save("_finished", time.strftime("%Y-%m-%d %H:%M:%S"))
+    errors = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    print(f"errors: {errors}" if errors else "no errors")
+    return 1 if errors else 0
+
+
+def _run_plan(items, args, states, save, batch, reps, tol, t_start) -> None:
+    for phase, kind, m, v, cl in items:
         key = f"{kind}|{m}|{v}"
         if time.perf_counter() - t_start > args.budget_s:
             save(key, {"skipped": f"time budget {args.budget_s:.0f}s spent"})
@@ -97,13 +113,6 @@ def main() -> int:
         brief = (f"{entry['median_ms']:.2f} ms" if "median_ms" in entry else
                  "OOM" if entry.get("oom") else entry.get("error", entry.get("skipped", "?")))
         print(f"[{time.perf_counter() - t_start:6.1f}s] {key}: {brief} ({entry['seconds_incl_compile']}s)", flush=True)
-    table = wb.render({k: v for k, v in results.items() if isinstance(v, dict)}, model_ids)
-    print(table)
-    (out_dir / "wf_gpu_check.md").write_text(table)
-    save("_finished", time.strftime("%Y-%m-%d %H:%M:%S"))
-    errors = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
-    print(f"errors: {errors}" if errors else "no errors")
-    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ LEVERS: dict[str, dict] = {
     "unit_gate_frac": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "forget_frac": 0.25},
     "unit_gate_polish": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "forget_frac": 0.25,
                          "polish_steps": 40, "polish_lr": 0.05},
+    "unit_gate_l5": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "lambdas": [1, 5, 1]},
+    "unit_gate_long": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "max_epochs": 15,
+                       "patience": 10},
     "default": {},                                                         # the WF defaults as they stand
 }
 

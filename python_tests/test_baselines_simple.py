@@ -296,3 +296,56 @@ def test_sigkilled_salun_subprocess_resumes_to_same_weights(original_run, tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_ec_table10_presets():
+    """preset='ec_table10' sets EC Table 10's values (EC App. B.4); every unlearning method accepts it."""
+    from unlearn_fast.methods import create_method
+
+    want = {
+        "cu": {"temperature": 0.07, "omega": 2, "lambda_ul": 1.0, "lambda_ce": 1.0},
+        "duck": {"lambda_fgt": 1.5, "lambda_ret": 1.5, "temperature": 2.0},
+        "scar": {"lambda_1": 5.0, "lambda_2": 5.0, "gamma1": 3.0, "gamma2": 3.0},
+        "scrub": {"alpha": 1.0, "gamma": 1.0, "forget_steps": 200},
+        "salun": {"mask_fraction": 0.5},
+        "delete": {"alpha": 0.0, "temperature": 1.0},
+        "ec": {"tau": 0.07, "omega": 2, "lambda_cu": 1.5, "lambda_ce": 1.5, "layer_weights": (0.2, 0.4, 0.8, 1.0)},
+    }
+    for name, vals in want.items():
+        hp = create_method(name, preset="ec_table10").hp
+        assert {k: getattr(hp, k) for k in vals} == vals, name
+    assert create_method("cu").hp.temperature == 0.7  # the CU code default stays the default
+    for name in ("ga", "rl", "ft", "neggrad_plus", "l1_sparse", "pl", "cola", "duck+ec", "ft+ec"):
+        create_method(name, preset="ec_table10")
+    # a preset is a base: explicit values win
+    assert create_method("duck", preset="ec_table10", lambda_fgt=0.0).hp.lambda_fgt == 0.0
+
+
+def test_scrub_forget_steps_cycles_the_forget_set():
+    from unlearn_fast.methods.baselines.scrub import CycledForget
+
+    data = load("digits")
+    f = data.subset("train", classes=FORGET)
+    cyc = CycledForget(f, 64, 11, seed=0)
+    batches = list(cyc(0))
+    assert len(batches) == len(cyc) == 11 and all(b["retain"] is None for b in batches)
+    assert all(len(b["forget"][1]) == 64 for b in batches)
+    per = len(f) // 64
+    seen = torch.cat([b["forget"][1] for b in batches[:per]])
+    assert set(seen.tolist()) <= set(FORGET)
+    assert torch.equal(list(cyc(0, start=5))[0]["forget"][0], batches[5]["forget"][0])  # resumable
+    with pytest.raises(ValueError, match="forget_steps"):
+        CycledForget(f, 64, 0, seed=0)
+
+
+def test_delete_alpha_scales_the_true_class():
+    z = torch.tensor([[2.0, 1.0, 0.0]])
+    y = torch.tensor([0])
+    assert torch.allclose(masked_teacher(z, y, alpha=1.0), F.softmax(z, 1))          # alpha 1: plain teacher
+    p = F.softmax(z, 1)[0]
+    half = masked_teacher(z, y, alpha=0.5)[0]
+    want = torch.tensor([0.5 * p[0], p[1], p[2]]) / (0.5 * p[0] + p[1] + p[2])
+    assert torch.allclose(half, want, atol=1e-6)
+    assert torch.allclose(masked_teacher(z, y, alpha=0.0), masked_teacher(z, y))      # alpha 0: DELETE's mask
+    with pytest.raises(ValueError, match="alpha"):
+        masked_teacher(z, y, alpha=-1.0)

@@ -194,3 +194,13 @@ def test_no_modules_ablation_runs(original_run, digits, tmp_path):
     assert not list(d.glob("ec_modules*.safetensors")), "nothing to pre-train without modules"
     fa, _ = _acc(load_model(d / "ec.safetensors"), digits)
     assert fa < 0.5
+
+
+def test_swin_default_has_no_layer_wise_ce():
+    """EC App. A.3: Swin-Tiny runs EC without layer-wise CE; other backbones keep it; explicit wins."""
+    assert ECSettings().layer_ce is None
+    assert ECSettings().for_model("swin_tiny").layer_ce is False
+    assert ECSettings().for_model("resnet50").layer_ce is True
+    assert ECSettings(layer_ce=True).for_model("swin_tiny").layer_ce is True
+    assert create_method("ec").settings().for_model("swin_tiny").layer_ce is False
+    assert create_method("ft+ec").ec_settings().for_model("small_cnn").layer_ce is True

@@ -38,9 +38,9 @@ Settings (:data:`IDI_PRESETS`):
   one CPU thread; seed-to-seed spread of a layer's estimate about 0.03 nats - average ``seeds``).
 
 Layers (:func:`idi_layers`): the last three feature blocks before global pooling and the classifier -
-for ResNet-50 ``layer4.0, layer4.1, layer4.2`` (EC App. B.6); ResNet-18 ``layer4.1, layer3.1 ...``
-likewise the last three blocks; ViT/Swin the last three transformer blocks; VGG the last three feature
-layers before the final classifier; small CNN ``block1, block2, block3``.
+for ResNet-50 ``layer4.0, layer4.1, layer4.2`` (EC App. B.6); ResNet-18 (two blocks per stage)
+``layer3.1, layer4.0, layer4.1``; ViT/Swin the last three transformer blocks; VGG the last three feature
+layers before the final classifier; small CNN ``block1, block2, block3``. ``layers=`` overrides.
 """
 from __future__ import annotations
 

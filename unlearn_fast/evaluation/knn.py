@@ -103,7 +103,7 @@ def load_knn_data(spec: str, data) -> Dataset:
 def knn_downstream(model: nn.Module, dataset: Dataset, *, k: int = KNN_K, seed: int = KNN_SPLIT_SEED,
                    device: torch.device | str | None = None, batch_size: int = 512) -> float:
     """k-NN accuracy (%) of ``model``'s frozen penultimate features on ``dataset`` (80/20, seed 2)."""
-    from unlearn_fast.evaluation.unlearn_eval import penultimate_features
+    from unlearn_fast.evaluation.features import penultimate_features
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     f, y = penultimate_features(model, dataset, device, batch_size)

@@ -100,7 +100,7 @@ def linear_probe(model: nn.Module, data, forget: Sequence[int], *, fraction: flo
     "fraction", "min_per_class"}``."""
     from torch.utils.data import Subset
 
-    from unlearn_fast.evaluation.unlearn_eval import penultimate_features
+    from unlearn_fast.evaluation.features import penultimate_features
 
     forget = sorted({int(c) for c in forget})
     if not forget:

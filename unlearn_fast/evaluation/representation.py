@@ -115,7 +115,7 @@ def _gallery(data, opts: RepresentationOptions, seed: int) -> list[int] | None:
 def _retrieval(model: nn.Module, original: nn.Module, data, forget: list[int], opts: RepresentationOptions,
                device, seed: int, batch_size: int, cache: dict[str, Any]) -> dict[str, Any]:
     from unlearn_fast.evaluation.knn import knn_retrieval
-    from unlearn_fast.evaluation.unlearn_eval import penultimate_features
+    from unlearn_fast.evaluation.features import penultimate_features
 
     gal = _gallery(data, opts, seed)
     gal_ds = data.train if gal is None else Subset(data.train, gal)
