@@ -152,7 +152,7 @@ def cka_accumulate_cross_ref(xs: Sequence[Tensor], ys: Sequence[Tensor], sxy: Te
     if sxy.dtype != torch.float64 or tuple(sxy.shape) != (X.shape[1], Y.shape[1]):
         raise ValueError(f"cka_accumulate_cross: sxy must be float64 {(X.shape[1], Y.shape[1])}, got {sxy.dtype} "
                          f"{tuple(sxy.shape)}")
-    sxy.addmm_(X.T, Y[:, torch.randperm(Y.shape[1])])
+    sxy.addmm_(X.T, Y)
     for fs, ss, s1 in ((xs, sxx, sx), (ys, syy, sy)):
         for f, a, b in zip(fs, ss, s1):
             f = f.double()
