@@ -275,3 +275,26 @@ def test_compare_marks_a_failing_method_and_exits_non_zero(tmp_path, monkeypatch
     assert m["rows"]["boom"]["status"] == "failed" and m["rows"]["boom"]["health"]["status"] == "fail"
     assert m["rows"]["ga"]["status"] == "ok" and m["health"]["methods"] == {"boom": "fail", "ga": m["rows"]["ga"]["health"]["status"]}
     assert "verdict: FAIL" in out and "planted failure" in out
+
+
+# -- the verdict rules themselves --------------------------------------------------------------------
+def test_health_rules_at_their_thresholds():
+    from unlearn_fast.evaluation import health as H
+
+    assert H.stage_verdict("s", 0)["status"] == "fail"
+    assert H.stage_verdict("s", 10, min_steps=50)["status"] == "warn"
+    assert H.stage_verdict("s", 10, min_steps=50, max_steps=10)["status"] == "ok"   # the user capped it
+    assert H.stage_verdict("s", 60, min_steps=50, notes=["x"])["notes"] == ["s: x"]
+    assert H.original_verdict(19.9, 10)["status"] == "fail"        # <= 2 x chance (10%)
+    assert H.original_verdict(59.9, 10)["status"] == "warn"
+    assert H.original_verdict(60.0, 10)["status"] == "ok"
+    assert H.original_verdict(float("nan"), 10)["status"] == "fail"
+    v = H.forget_verdict([0.0, 5.0, 5.1, 89.9, 90.0, float("nan")], [100.0] * 6, list(range(6)), list("abcdef"))
+    assert v["status"] == "fail"
+    assert [r.split(":")[0] for r in v["reasons"]] == ["class e not forgotten", "class c only partly forgotten",
+                                                        "class d only partly forgotten", "class f has no test sample"]
+    assert H.retain_verdict(70.0, 90.1, 10)["status"] == "warn" and H.retain_verdict(70.1, 90.0, 10)["status"] == "ok"
+    assert H.retain_verdict(20.0, 90.0, 10)["status"] == "fail"
+    assert H.finite_verdict({"a": [1.0, float("inf")], "b": 2.0})["reasons"] == ["non-finite values in a"]
+    m = H.merge({"status": "warn", "reasons": ["x"], "notes": []}, {"status": "ok", "reasons": ["x"], "notes": ["n"]})
+    assert m == {"status": "warn", "reasons": ["x"], "notes": ["n"]}

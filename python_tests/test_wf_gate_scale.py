@@ -49,6 +49,17 @@ def _by_hand(original: nn.Module, wf, rows: list[int], s: float) -> nn.Module:
     return ref
 
 
+def _random_wf(seed: int, bound: float, s: float):
+    """(original, its WF-Net with alphas uniform in [-bound, bound] and gate scale ``s``)."""
+    original = _model(seed)
+    wf = wrap(copy.deepcopy(original), 6, alpha_init=3.0)
+    with torch.no_grad():
+        for a in wf.alpha_parameters():
+            a.uniform_(-bound, bound)
+    wf.gate_scale = s
+    return original, wf
+
+
 def test_unit_gates_start_as_the_original_model():
     original = _model()
     x = torch.randn(5, 1, 7, 13)
@@ -65,12 +76,7 @@ def test_unit_gates_start_as_the_original_model():
 
 @pytest.mark.parametrize("s", [1.0, S3, 1.7])
 def test_scaled_gates_match_weights_multiplied_by_hand(s):
-    original = _model(1)
-    wf = wrap(copy.deepcopy(original), 6, alpha_init=3.0)
-    with torch.no_grad():
-        for a in wf.alpha_parameters():
-            a.uniform_(-3, 3)
-    wf.gate_scale = s
+    original, wf = _random_wf(1, 3.0, s)
     x = torch.randn(5, 1, 7, 13)
     for c in (0, 4):
         ref = _by_hand(original, wf, [c], s)
@@ -84,12 +90,7 @@ def test_scaled_gates_match_weights_multiplied_by_hand(s):
 
 def test_scaled_gate_gradients_match_the_hand_built_model():
     """d loss / d alpha through the gated op equals autograd through weights multiplied by hand."""
-    original = _model(2)
-    wf = wrap(copy.deepcopy(original), 6, alpha_init=3.0)
-    with torch.no_grad():
-        for a in wf.alpha_parameters():
-            a.uniform_(-2, 2)
-    wf.gate_scale = S3
+    original, wf = _random_wf(2, 2.0, S3)
     x = torch.randn(5, 1, 7, 13)
     c = 3
     wf(x, torch.full((5,), c)).square().sum().backward()

@@ -72,7 +72,7 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
         raise ValueError("train(method='original'): pass the recipe as hyper-parameters (or --set), not original_hparams")
     if original_hparams is not None:
         create_method("original", **original_hparams)
-    if method in ("original", "retrain") and forget is not None and method == "original":
+    if method == "original" and forget is not None:
         raise ValueError("forget= has no meaning for method='original'; use it with wf or an unlearning method")
     _check_eval_options(eval_splits, eval_train_max)
     plan = plan_run(model, data, run_dir, seed=seed, device=device, img_size=img_size, in_chans=in_chans,
@@ -237,7 +237,7 @@ def _evaluate_locked(run_dir: Path, ctx, cfg: dict[str, Any], *, device, batch_s
                      reuse: bool = True) -> dict[str, Any]:
     import time
 
-    from unlearn_fast.evaluation.health import finite_verdict, forget_verdict, merge, retain_verdict
+    from unlearn_fast.evaluation.health import finite_verdict, forget_verdict, merge, original_verdict, retain_verdict
     from unlearn_fast.evaluation.report import write_report
     from unlearn_fast.evaluation.wf_eval import evaluate_wf
     from unlearn_fast.methods.base import artefact_meta
@@ -285,8 +285,6 @@ def _evaluate_locked(run_dir: Path, ctx, cfg: dict[str, Any], *, device, batch_s
     k = ctx.data.num_classes
     stages = stage_verdicts({**(orig_meta.get("stages") or {}), **(wf_meta.get("stages") or {})})
     orig_acc = t["original"].get("acc")
-    from unlearn_fast.evaluation.health import original_verdict
-
     per_class_r = [retain_verdict(r, o, k, f"gate row {names[c]}")
                    for c, (r, o) in enumerate(zip(t["wf"]["acc_r"], t["original"]["acc_r"]))]
     health = merge(original_verdict(orig_acc, k),

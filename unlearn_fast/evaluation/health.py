@@ -38,11 +38,11 @@ def _v(warn: Iterable[str] = (), fail: Iterable[str] = (), notes: Iterable[str] 
 
 
 def merge(*verdicts: Verdict | None) -> Verdict:
-    """The worst status; reasons and notes concatenated in order."""
+    """The worst status; reasons and notes concatenated in order (each once)."""
     vs = [v for v in verdicts if v]
     status = max((v["status"] for v in vs), key=STATUSES.index, default="ok")
-    return {"status": status, "reasons": [r for v in vs for r in v.get("reasons", [])],
-            "notes": [n for v in vs for n in v.get("notes", [])]}
+    return {"status": status, "reasons": list(dict.fromkeys(r for v in vs for r in v.get("reasons", []))),
+            "notes": list(dict.fromkeys(n for v in vs for n in v.get("notes", [])))}
 
 
 def stage_verdict(name: str, steps: int, min_steps: int = 0, notes: Sequence[str] = (), max_steps: int | None = None) -> Verdict:

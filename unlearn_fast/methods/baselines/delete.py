@@ -83,16 +83,16 @@ class Delete(UnlearningMethod):
         bn_eval: bool = False
         alpha: float = 0.0                # target-probability scale of the true class (EC Table 10); 1 = ablation
 
-    @classmethod
-    def presets(cls) -> dict[str, dict]:
-        # EC Table 10: alpha 0 (no target mass on the forget class: the -1e10 mask), tau 1
-        return {"ec_table10": {"temperature": 1.0, "alpha": 0.0}}
-
         def __post_init__(self) -> None:
             if self.temperature <= 0:
                 raise ValueError(f"delete: temperature must be > 0, got {self.temperature}")
             if self.alpha < 0:
                 raise ValueError(f"delete: alpha must be >= 0 (0 = DELETE's mask, 1 = no masking), got {self.alpha}")
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        # EC Table 10: alpha 0 (no target mass on the forget class: the -1e10 mask), tau 1
+        return {"ec_table10": {"temperature": 1.0, "alpha": 0.0}}
 
     def unlearn(self, u: UnlearnContext) -> nn.Module:
         hp = self.hp

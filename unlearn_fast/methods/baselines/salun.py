@@ -85,14 +85,14 @@ class SalUn(RandomLabel):
         mask_fraction: float = 0.5
         mask_batch_size: int | None = None   # batch of the mask's gradient pass; None: = batch_size
 
-    @classmethod
-    def presets(cls) -> dict[str, dict]:
-        return {"ec_table10": {"mask_fraction": 0.5}}   # EC Table 10: pt 0.5
-
         def __post_init__(self) -> None:
             super().__post_init__()
             if not 0.0 <= self.mask_fraction <= 1.0:
                 raise ValueError(f"salun: mask_fraction must be in [0, 1], got {self.mask_fraction}")
+
+    @classmethod
+    def presets(cls) -> dict[str, dict]:
+        return {"ec_table10": {"mask_fraction": 0.5}}   # EC Table 10: pt 0.5
 
     def compute_mask(self, u: UnlearnContext) -> dict[str, Tensor]:
         path = u.state_path("mask")

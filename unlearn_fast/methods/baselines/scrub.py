@@ -96,6 +96,12 @@ class Scrub(UnlearningMethod):
         lr_decay_rate: float = 0.1
         forget_steps: int | None = None       # max-step optimizer steps per max pass (D_f cycled); None: one pass
 
+        def __post_init__(self) -> None:
+            if self.forget_steps is not None and self.forget_steps < 1:
+                raise ValueError(f"scrub: forget_steps must be >= 1 or None (one pass over D_f), got {self.forget_steps}")
+            if self.msteps < 0:
+                raise ValueError(f"scrub: msteps must be >= 0 (0 = no max passes: the ablation), got {self.msteps}")
+
     @classmethod
     def presets(cls) -> dict[str, dict]:
         return {"small": dict(optimizer="adam", lr=5e-4, weight_decay=0.1, kd_T=2.0, gamma=1.0, alpha=0.5, msteps=3,
