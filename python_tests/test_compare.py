@@ -12,7 +12,7 @@ from unlearn_fast.evaluation.unlearn_eval import evaluate_unlearned, h_mean, hme
 
 FAST = dict(model="small_cnn", data="digits", forget="1,3", device="cpu", progress=False,
             original_hparams={"max_epochs": 4}, tsne_neighbors=3, tsne_max_per_class=12)
-METHODS = ["ft", "ga", "no_such_method"]
+METHODS = ["ft", "ga"]
 HP = {"ft": {"epochs": 2}, "ga": {"epochs": 2, "lr": 0.01}}
 KEYS = ("FA", "RA", "TFA", "TRA", "CKA", "JS", "ZRF", "H-Mean", "time_s", "cka_layers", "cka_retrain_layers",
         "hmean_scores", "cka_layer")
@@ -50,15 +50,18 @@ def test_metrics_json_rows_and_keys(cmp):
     assert m["rows"]["ga"]["TFA"] < o["TFA"]
 
 
-def test_failed_method_is_reported_and_others_ran(cmp):
-    row = cmp.metrics["rows"]["no_such_method"]
-    assert row["status"] == "failed" and "unknown method 'no_such_method'" in row["error"]
+def test_unknown_method_is_refused_before_any_work(tmp_path):
+    """A bad method name is one clear error before anything is trained or written."""
+    with pytest.raises(ValueError, match="unknown method 'no_such_method'"):
+        unlearn_fast.compare(methods=["ft", "no_such_method"], run_dir=tmp_path / "bad", hparams={"ft": HP["ft"]},
+                             **FAST)
+    assert not (tmp_path / "bad" / "original.safetensors").exists()
 
 
 def test_report_table_and_figures(cmp):
     rep = (cmp.run_dir / "report.md").read_text()
     assert "| Method | FA↓ | RA↑ | TFA↓ | TRA↑ | CKA↓ | JS↓ | ZRF | H-Mean↑ | Time (s) |" in rep
-    for label in ("| Original |", "| Retrained |", "| ft |", "| ga |", "| no_such_method | failed:"):
+    for label in ("| Original |", "| Retrained |", "| ft |", "| ga |"):
         assert label in rep, label
     ga = cmp.metrics["rows"]["ga"]
     assert f"| ga | {ga['FA']:.2f} | {ga['RA']:.2f} |" in rep
@@ -154,14 +157,12 @@ def test_evaluate_unlearned_against_references():
 
 def test_select_by_scores(cmp):
     """UnlearnHparams.select_by: the validation score that picks the best state during unlearning."""
-    from unlearn_fast.api import _context
+    from unlearn_fast.runs import plan_run
     from unlearn_fast.methods import create_method
     from unlearn_fast.methods.unlearning import SELECT_BY, UnlearnContext, hmean
     from unlearn_fast.models.io import load_model
 
-    import yaml
-
-    ctx = _context(cmp.run_dir, yaml.safe_load((cmp.run_dir / "config.yaml").read_text()), torch.device("cpu"), False)
+    ctx = plan_run("small_cnn", "digits", cmp.run_dir, device="cpu").ctx
     ctx.forget = [1, 3]
     orig = load_model(cmp.run_dir / "original.safetensors")
     u = UnlearnContext(ctx, orig, [1, 3], "ft")

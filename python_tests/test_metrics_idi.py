@@ -157,3 +157,17 @@ def test_critic_trains_only_the_suffix():
     assert s.shape == (5, 2)
     s.sum().backward()
     assert critic.net[0].weight.grad is None and critic.net[2].weight.grad is not None
+
+
+def test_small_denominator_is_flagged(digits_models, monkeypatch):
+    """|ID(original)| below 10% of H(Y) is within the estimator's noise: the result says so."""
+    import unlearn_fast.evaluation.idi as idi
+
+    data, original, retrained, other = digits_models
+    fake = {original: {"b": 0.30}, retrained: {"b": 0.29}, other: {"b": 0.33}}
+    monkeypatch.setattr(idi, "layer_mutual_information", lambda m, *a, **k: fake[m])
+    r = idi.compute_idi(other, original, retrained, data, [1, 3], layers=["b"], config="cpu")
+    assert r["IDI"] == pytest.approx(4.0) and "unreliable" in r["note"]
+    fake[retrained] = {"b": 0.05}
+    r = idi.compute_idi(other, original, retrained, data, [1, 3], layers=["b"], config="cpu")
+    assert r["IDI"] == pytest.approx(0.28 / 0.25) and r["note"] == ""

@@ -130,7 +130,8 @@ def test_forward_shape_and_layers_32px(name, in_chans):
     torch.manual_seed(0)
     model = models.create(name, num_classes=10, in_chans=in_chans, img_size=32).eval()
     assert model.unlearn_fast_name == name
-    assert model.unlearn_fast_config == dict(name=name, num_classes=10, in_chans=in_chans, img_size=32)
+    resolved = {"width": 16} if name == "small_cnn" else {}  # small_cnn records the width it chose for 10 classes
+    assert model.unlearn_fast_config == dict(name=name, num_classes=10, in_chans=in_chans, img_size=32, **resolved)
     x = torch.randn(2, in_chans, 32, 32)
     layers = models.feature_layers(model, name)
     modules = dict(model.named_modules())
@@ -360,3 +361,16 @@ def test_small_cnn_learns_sklearn_digits():
     with torch.no_grad():
         acc = (m(x[te]).argmax(1) == y[te]).float().mean().item()
     assert acc > 0.95, acc  # ~0.98 in 4 epochs; a few seconds on one core
+
+
+def test_small_cnn_width_follows_the_class_count_and_reloads(tmp_path):
+    from unlearn_fast.models.io import load_model, save_model
+
+    widths = {n: models.create("small_cnn", num_classes=n, in_chans=1, img_size=8).block1.conv.out_channels
+              for n in (2, 10, 16, 17, 40, 48, 49, 200)}
+    assert widths == {2: 16, 10: 16, 16: 16, 17: 32, 40: 48, 48: 48, 49: 64, 200: 64}
+    assert models.create("small_cnn", num_classes=40, in_chans=1, img_size=8, width=8).block1.conv.out_channels == 8
+    m = models.create("small_cnn", num_classes=40, in_chans=1, img_size=8)
+    save_model(m, tmp_path / "m.safetensors")
+    back = load_model(tmp_path / "m.safetensors")
+    assert back.block1.conv.out_channels == 48 and back.unlearn_fast_config == m.unlearn_fast_config

@@ -251,6 +251,9 @@ def _representation_note(metrics: dict[str, Any]) -> str:
         parts.append(f"MIA: SVC-MIA efficacy, % of D_f predicted non-member (higher = more forgotten; Retrained ~100), "
                      f"feature `{mi.get('mia_feature')}`, attack `{mi.get('mia_attack')}`, {mi.get('n_shadow')} shadow "
                      "members + non-members (retain train vs retain test).")
+    notes = list(dict.fromkeys(n for r in rows for n in (r.get("notes") or [])))
+    if notes:
+        parts.append("Notes: " + "; ".join(notes) + ".")
     return " ".join(parts)
 
 

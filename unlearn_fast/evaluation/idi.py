@@ -372,6 +372,10 @@ def compute_idi(model: nn.Module, original: nn.Module, retrained: nn.Module, dat
     y = torch.isin(torch.as_tensor(data.targets[cfg.eval_split]), torch.tensor(sorted(forget)))
     p = float(y.double().mean())
     h = -sum(q * math.log(q) for q in (p, 1 - p) if q > 0)
+    if not res["note"] and abs(res["ID_o"]) < 0.1 * h:
+        res["note"] = (f"IDI is unreliable here: ID(original) = {res['ID_o']:.3f} nats is under 10% of H(Y) = {h:.3f}, "
+                       "the size of the estimator's seed-to-seed spread; average more critic seeds (seeds=) or use "
+                       "the EC App. B.6 setting (idi='ec')")
     return {**res, "IDI_abs": abs(res["IDI"]), "mi": {"unlearned": mi_u, "original": ref["original"],
                                                       "retrained": ref["retrained"]},
             "layers": layers, "H_Y": h, "config": asdict(cfg), "clip": clip}

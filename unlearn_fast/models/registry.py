@@ -102,7 +102,9 @@ def create(
     _check_int("in_chans", in_chans, 1)
     _check_int("img_size", img_size, 1)
     model = entry.builder(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
-    config = dict(name=name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+    # a builder may report the values it chose for options left to it (e.g. small_cnn's width)
+    config = {**dict(name=name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs),
+              **getattr(model, "resolved_kwargs", {})}
     model.unlearn_fast_name = name
     model.unlearn_fast_config = config
     if weights is not None:
