@@ -185,14 +185,20 @@ def _forget_request_result(model, ctx, method: str) -> dict[str, Any]:
 
 def evaluate(run_dir: str | Path, *, device: str | torch.device | None = None, batch_size: int = 512,
              insertion_steps: int = 10, splits: tuple[str, ...] = ("test", "train"), train_max: int | None = 2000,
+             representation: Any = None, knn_data: str | Sequence[str] | None = None,
              progress: bool = True, report: bool = True) -> dict[str, Any]:
     """Evaluate the WF-Net of ``run_dir`` on every class; writes ``metrics.json`` and ``report.md``.
 
     ``splits``: the test split always, plus ``train`` / ``val``; the train split is capped at
-    ``train_max`` images (stratified, seeded; 0 = all) since every image runs under every gate row."""
+    ``train_max`` images (stratified, seeded; 0 = all) since every image runs under every gate row.
+    ``representation`` (``"all"`` or some of ``idi, probe, knn, mia``) and ``knn_data`` add the
+    representation metrics per class, each gate row baked into a plain model
+    (``metrics["representation_per_class"]``)."""
+    from unlearn_fast.evaluation.representation import RepresentationOptions
     from unlearn_fast.methods import RunContext
 
     _check_eval_options(splits, train_max)
+    rep = RepresentationOptions.make(representation, knn_data) if representation or knn_data else None
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     if cfg is None:
@@ -208,7 +214,7 @@ def evaluate(run_dir: str | Path, *, device: str | torch.device | None = None, b
     with RunLock(run_dir):
         return _evaluate_locked(run_dir, ctx, plan.cfg, device=dev, batch_size=batch_size,
                                 insertion_steps=insertion_steps, splits=splits, train_max=train_max,
-                                progress=progress, report=report, reuse=False)
+                                progress=progress, report=report, reuse=False, representation=rep)
 
 
 def _capped_train(data, train_max: int | None, seed: int):
@@ -234,7 +240,7 @@ def _capped_train(data, train_max: int | None, seed: int):
 def _evaluate_locked(run_dir: Path, ctx, cfg: dict[str, Any], *, device, batch_size: int = 512,
                      insertion_steps: int = 10, splits: tuple[str, ...] = ("test", "train"),
                      train_max: int | None = 2000, progress: bool = True, report: bool = True,
-                     reuse: bool = True) -> dict[str, Any]:
+                     reuse: bool = True, representation=None) -> dict[str, Any]:
     import time
 
     from unlearn_fast.evaluation.health import finite_verdict, forget_verdict, merge, original_verdict, retain_verdict
@@ -253,7 +259,7 @@ def _evaluate_locked(run_dir: Path, ctx, cfg: dict[str, Any], *, device, batch_s
     rdir = run_dir / "retrain"
     rpaths = sorted(p for p in rdir.glob("c*.safetensors")) if rdir.exists() else []
     settings = {"splits": list(splits), "train_max": train_max, "insertion_steps": insertion_steps,
-                "batch_size": batch_size, "seed": cfg.get("seed", 0)}
+                "batch_size": batch_size, "seed": cfg.get("seed", 0), "representation": repr(representation)}
     fp = fingerprint({"original": orig_meta.get("digest"), "wf": wf_meta.get("digest") or wf_meta.get("fingerprint"),
                       "retrained": {p.stem: artefact_meta(p).get("digest") for p in rpaths}, "settings": settings})
     mpath = run_dir / "metrics.json"
@@ -271,6 +277,12 @@ def _evaluate_locked(run_dir: Path, ctx, cfg: dict[str, Any], *, device, batch_s
     t0 = time.perf_counter()
     metrics = evaluate_wf(wf, original, data, dev, retrained=retrained, batch_size=batch_size, splits=splits,
                           insertion_steps=insertion_steps, seed=cfg.get("seed", 0), progress=progress)
+    if representation is not None:
+        from unlearn_fast.evaluation.representation import wf_representation_per_class
+
+        per = wf_representation_per_class(wf, original, retrained, ctx.data, range(ctx.data.num_classes),
+                                          representation, device=dev, seed=cfg.get("seed", 0), batch_size=batch_size)
+        metrics["representation_per_class"] = {str(c): v for c, v in per.items()}
     record_time(run_dir, "evaluate_s", time.perf_counter() - t0)
     metrics["fingerprint"] = fp
     metrics["evaluation"] = {**settings, "train_images": n_train if "train" in splits else 0}

@@ -220,7 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["run_dir", "device", "batch_size", "insertion_steps", "threads", "eval_splits", "eval_train_max"])
+    cfg = _merged(args, ["run_dir", "device", "batch_size", "insertion_steps", "threads", "eval_splits", "eval_train_max",
+                         "representation", "knn_data"])
     _set_threads(cfg.get("threads"))
     if not cfg.get("run_dir"):
         raise InputError("evaluate needs --run-dir")
@@ -229,6 +230,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         kw["splits"] = _splits(cfg["eval_splits"])
     if cfg.get("eval_train_max") is not None:
         kw["train_max"] = cfg["eval_train_max"]
+    for k in ("representation", "knn_data"):
+        if cfg.get(k) is not None:
+            kw[k] = cfg[k]
     m = unlearn_fast.evaluate(cfg["run_dir"], device=cfg.get("device"), batch_size=cfg.get("batch_size", 512),
                               insertion_steps=cfg.get("insertion_steps", 10), progress=not args.quiet, **kw)
     _print_summary(m)
@@ -342,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", dest="batch_size", type=int)
     e.add_argument("--insertion-steps", dest="insertion_steps", type=int)
     _eval_opts(e)
+    e.add_argument("--representation", help="per-class representation metrics of each baked gate row: all | idi,probe,knn,mia")
+    e.add_argument("--knn-data", dest="knn_data", action="append", metavar="SPEC", help="downstream data for k-NN (repeatable)")
     e.set_defaults(func=cmd_evaluate)
     r = sub.add_parser("report", help="re-write report.md and figures from metrics.json")
     _common(r)

@@ -72,6 +72,17 @@ def _per_class_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _representation_table(rep: dict[str, Any], names: list[str]) -> str:
+    settings = {"fraction", "min_per_class"}  # probe settings and sample counts are not results
+    keys = sorted({k for r in rep.values() for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k not in settings and not k.startswith("n_")})
+    lines = ["| class | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for c, r in sorted(rep.items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {names[int(c)]} | " + " | ".join(_fmt(r.get(k), 2) for k in keys) + " |")
+    notes = sorted({n for r in rep.values() for n in r.get("notes", [])})
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
+
+
 def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None, figures: bool = True) -> Path:
     """Write ``report.md`` (and the figures) of ``run_dir`` from its ``metrics.json``."""
     from unlearn_fast.evaluation import plots
@@ -122,6 +133,12 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any] | None = None, fig
     if "timing" in metrics:
         lines.append("- wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in metrics["timing"].items()))
     lines += ["", "## Per class", "", _per_class_table(metrics), ""]
+    rep = metrics.get("representation_per_class")
+    if rep:
+        lines += ["## Inside the network, per gate row (baked)", "",
+                  "Each gate row baked into a plain model (the deployable artefact) and measured like a compare row: "
+                  "linear-probe recovery, membership inference, IDI against the model retrained without the class, "
+                  "k-NN retrieval on the forget class.", "", _representation_table(rep, metrics["class_names"]), ""]
     if figs:
         lines += ["## Figures", ""] + [f"![{k}](figures/{p.name})" for k, p in figs.items()] + [""]
     out = run_dir / "report.md"
