@@ -11,7 +11,7 @@ dalpha needs from it (see ``kernels/_common.py``); the alphas are expected insid
 [-3, 3]. The custom ops are opaque to ``torch.compile`` (no graph break, registered fake shapes whose
 strides match the real outputs: ``torch.library.opcheck`` passes, channels-last included).
 
-Labels are range-checked before any kernel launches (:func:`unlearn_fast.ops.wf_gate.check_labels`, the
+Labels are range-checked before any kernel launches (:func:`unlearn_fast.ops.labels.check_labels`, the
 same IndexError as the reference); a labels tensor already checked by ``WFModel`` costs no host sync.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from unlearn_fast.kernels import conv_dispatch as _cd
 from unlearn_fast.kernels import wf_conv as _kc
 from unlearn_fast.kernels import wf_epilogue as _ke
 from unlearn_fast.kernels import wf_linear as _kl
-from unlearn_fast.ops.wf_gate import check_labels
+from unlearn_fast.ops.labels import check_labels
 
 __all__ = ["wf_conv2d_triton", "wf_linear_triton"]
 
