@@ -11,7 +11,7 @@ from unlearn_fast.cli import main
 from unlearn_fast.evaluation.unlearn_eval import evaluate_unlearned, h_mean, hmean_scores
 
 FAST = dict(model="small_cnn", data="digits", forget="1,3", device="cpu", progress=False,
-            original_hparams={"max_epochs": 4}, tsne_neighbors=3, tsne_max_per_class=12)
+            original_hparams={"max_epochs": 4, "fit_to_data": False}, tsne_neighbors=3, tsne_max_per_class=12)
 METHODS = ["ft", "ga"]
 HP = {"ft": {"epochs": 2}, "ga": {"epochs": 2, "lr": 0.01}}
 KEYS = ("FA", "RA", "TFA", "TRA", "CKA", "JS", "ZRF", "H-Mean", "time_s", "cka_layers", "cka_retrain_layers",
@@ -73,16 +73,16 @@ def test_report_table_and_figures(cmp):
 
 
 def test_rerun_skips_finished_methods_and_cli(cmp, capsys, monkeypatch):
-    before = json.loads((cmp.run_dir / "metrics.json").read_text())
-    calls = []
-    from unlearn_fast.methods.unlearning import UnlearningMethod
+    from unlearn_fast.models.io import read_metadata
 
-    orig_run = UnlearningMethod.run
-    monkeypatch.setattr(UnlearningMethod, "run", lambda self, ctx: calls.append(self.name) or orig_run(self, ctx))
+    before = json.loads((cmp.run_dir / "metrics.json").read_text())
+    files = {n: cmp.run_dir / f"{n}.safetensors" for n in ("original", "ft", "ga")}
+    stamps = {n: p.stat().st_mtime_ns for n, p in files.items()}
     rc = main(["compare", "--run-dir", str(cmp.run_dir), "--methods", "ft,ga", "--forget", "1,3", "--device", "cpu",
                "--quiet", "--set", "ft.epochs=2", "--set", "ga.epochs=2", "--set", "ga.lr=0.01",
-               "--original-set", "max_epochs=4"])
-    assert rc == 0 and calls == []  # both were finished: nothing re-ran
+               "--original-set", "max_epochs=4", "--original-set", "fit_to_data=false"])
+    assert rc in (0, 1)  # 1: a verdict failed (tiny schedules); never a re-run
+    assert {n: p.stat().st_mtime_ns for n, p in files.items()} == stamps  # all finished: nothing re-ran
     out = capsys.readouterr().out
     assert "| ft |" in out and "report:" in out
     after = json.loads((cmp.run_dir / "metrics.json").read_text())
@@ -90,10 +90,16 @@ def test_rerun_skips_finished_methods_and_cli(cmp, capsys, monkeypatch):
     # another forget request in the same run dir is refused with a clear message
     with pytest.raises(ValueError, match="one forget request"):
         unlearn_fast.compare(methods=["ft"], run_dir=cmp.run_dir, **{**FAST, "forget": "2"})
-    # changed hyper-parameters of a finished method are reported, not silently reused
-    res = unlearn_fast.compare(methods=["ga"], run_dir=cmp.run_dir, hparams={"ga": {"epochs": 3}}, figures=False,
-                               **FAST)
-    assert res.metrics["rows"]["ga"]["status"] == "failed" and "changed" in res.metrics["rows"]["ga"]["error"]
+    # changed hyper-parameters of a finished method: it is computed again, and its record says so
+    old_digest = read_metadata(files["ga"])["digest"]
+    res = unlearn_fast.compare(methods=["ga"], run_dir=cmp.run_dir, hparams={"ga": {"epochs": 3, "lr": 0.01, "fit_to_data": False}},
+                               figures=False, **FAST)
+    assert "made with other settings" in capsys.readouterr().err
+    row = res.metrics["rows"]["ga"]
+    assert row["status"] == "ok" and row["hparams"]["epochs"] == 3
+    meta = read_metadata(files["ga"])
+    assert meta["hparams"]["epochs"] == 3 and meta["digest"] != old_digest
+    assert files["original"].stat().st_mtime_ns == stamps["original"]
 
 
 def test_hmean_numeric():

@@ -273,7 +273,7 @@ def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg
             shared_before = set(run_dir.glob("ec_modules*.safetensors"))
             out = meth.run(ctx)
             meta = artefact_meta(out_path)
-            fp = fingerprint({"model": meta.get("digest"), **eval_settings})
+            fp = fingerprint({"model": meta.get("digest"), "made_by": meta.get("fingerprint"), **eval_settings})
             if prev and prev.get("status") == "ok" and prev.get("fingerprint") == fp:
                 continue  # finished and evaluated with these settings: resume skips it
             changed = True
