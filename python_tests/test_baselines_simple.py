@@ -167,7 +167,7 @@ def test_bad_hparams_raise():
 def original_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("orig")
     unlearn_fast.train(method="original", model="small_cnn", data="digits", run_dir=d, device="cpu",
-                       progress=False, max_epochs=10)
+                       progress=False, max_epochs=10, fit_to_data=False)
     return d
 
 
