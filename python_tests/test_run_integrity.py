@@ -241,7 +241,7 @@ def test_small_data_recipe_trains_an_original_and_wf_takes_steps(tmp_path):
     st = res.metrics["health"]["stages"]
     orig_acc = res.metrics["splits"]["test"]["original"]["acc"]
     assert orig_acc > 50, orig_acc          # chance is 10%
-    assert st["original"]["steps"] >= 150 and st["wf untrain"]["steps"] >= 50
+    assert st["original"]["steps"] >= 1000 and st["wf untrain"]["steps"] >= 50  # the small-set floors
     assert any("random translation" in n for n in st["original"]["notes"])
     assert not any("no optimizer step" in r for r in res.health["reasons"])
     assert math.isfinite(res.metrics["summary"]["rows"]["wf"]["acc_r"])

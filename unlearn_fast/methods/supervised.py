@@ -30,7 +30,9 @@ class ClassifierRecipe:
     Fitted to the data (``fit_to_data``, ``preset="paper"`` turns it off): the batch shrinks until an
     epoch holds at least 4 optimizer steps, the epoch budget and the early-stopping floor hold at least
     ``min_steps`` steps, and small train splits (< 50 images per class) get random translations of up
-    to ``shift`` of the image side - so a 10-images-per-class set still trains a model worth unlearning.
+    to ``shift`` of the image side and a floor of 1000 steps (cheap there: the batch is small) - so a
+    10-images-per-class set still trains a model worth unlearning (real MNIST, 10 per class: 21.8% test
+    accuracy at a 150-step floor, 58.2% at 600, 66.4% at 1200).
     """
 
     lr: float | None = None            # None: 1e-3 for CNNs, 1e-4 for ViTs
@@ -40,7 +42,7 @@ class ClassifierRecipe:
     weight_decay: float = 0.0          # Adam weight decay
     hflip: bool | None = None          # random horizontal flip; None: the dataset's recipe (CIFAR yes, digits no)
     fit_to_data: bool = True           # adapt batch / epochs / augmentation to the data size (False: literal values)
-    min_steps: int = 150               # floor of optimizer steps before early stopping may fire (fit_to_data)
+    min_steps: int | None = None       # floor of optimizer steps before early stopping; None: 150, 1000 on small sets
     shift: float | None = None         # random translation, fraction of the side; None: 1/8 on small sets, else 0
 
 
@@ -57,17 +59,19 @@ def hflip_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def _shift_for(recipe: ClassifierRecipe, train_ds) -> float:
-    if recipe.shift is not None:
-        return float(recipe.shift)
-    if not recipe.fit_to_data:
-        return 0.0
+def _small_set(train_ds) -> bool:
+    """Fewer than SMALL_SET_PER_CLASS training images per class (median over the classes present)."""
     y = getattr(train_ds, "targets", None)
     if y is None or not len(y):
-        return 0.0
+        return False
     counts = torch.bincount(torch.as_tensor(y))
-    per_class = float(counts[counts > 0].float().median())
-    return 0.125 if per_class < SMALL_SET_PER_CLASS else 0.0
+    return float(counts[counts > 0].float().median()) < SMALL_SET_PER_CLASS
+
+
+def _shift_for(recipe: ClassifierRecipe, small: bool) -> float:
+    if recipe.shift is not None:
+        return float(recipe.shift)
+    return 0.125 if recipe.fit_to_data and small else 0.0
 
 
 def train_classifier(model: nn.Module, model_name: str, train_ds, val_ds, recipe: ClassifierRecipe, *,
@@ -77,9 +81,11 @@ def train_classifier(model: nn.Module, model_name: str, train_ds, val_ds, recipe
     """Train ``model`` on ``train_ds``, early-stopped on ``val_ds`` accuracy; returns the loop result and
     the fitted schedule (its ``notes`` say what was adapted)."""
     lr = recipe.lr if recipe.lr is not None else (1e-4 if model_family(model_name) == "vit" else 1e-3)
+    small = _small_set(train_ds)
+    min_steps = recipe.min_steps if recipe.min_steps is not None else (1000 if small else 150)
     sched = fit_schedule(desc, len(train_ds), batch_size=recipe.batch_size, epochs=recipe.max_epochs,
-                         min_steps=recipe.min_steps, min_batch=1, adapt=recipe.fit_to_data)
-    shift = _shift_for(recipe, train_ds)
+                         min_steps=min_steps, min_batch=1, adapt=recipe.fit_to_data)
+    shift = _shift_for(recipe, small)
     if shift and recipe.shift is None:
         sched.notes.append(f"random translation up to {shift:.3g} of the image side (fewer than "
                            f"{SMALL_SET_PER_CLASS} training images per class)")
