@@ -98,6 +98,8 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
             together = ctx.forget is not None and len(ctx.forget) > 1
             r = create_method("retrain", together=together, **(original_hparams or {})).run(ctx)
             stages.update(_retrain_stages(r.info))
+            if _retrain_stages(r.info):
+                record_time(run_dir, "retrain_s", sum(s["seconds"] for s in _retrain_stages(r.info).values()))
         out = meth.run(ctx)
         stages.update(out.info.get("stages") or _retrain_stages(out.info))
         if "skipped" not in out.info and out.info.get("stages"):
