@@ -97,9 +97,10 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
         if retrain and method != "retrain":
             together = ctx.forget is not None and len(ctx.forget) > 1
             r = create_method("retrain", together=together, **(original_hparams or {})).run(ctx)
-            stages.update(_retrain_stages(r.info))
-            if _retrain_stages(r.info):
-                record_time(run_dir, "retrain_s", sum(s["seconds"] for s in _retrain_stages(r.info).values()))
+            trained = _retrain_stages(r.info)
+            stages.update(trained)
+            if trained:
+                record_time(run_dir, "retrain_s", sum(s["seconds"] for s in trained.values()))
         out = meth.run(ctx)
         stages.update(out.info.get("stages") or _retrain_stages(out.info))
         if "skipped" not in out.info and out.info.get("stages"):
@@ -297,7 +298,8 @@ def _evaluate_locked(run_dir: Path, ctx, cfg: dict[str, Any], *, device, batch_s
     t = metrics["splits"]["test"]
     names = list(ctx.data.class_names)
     k = ctx.data.num_classes
-    stages = stage_verdicts({**(orig_meta.get("stages") or {}), **(wf_meta.get("stages") or {})})
+    stage_records = {**(orig_meta.get("stages") or {}), **(wf_meta.get("stages") or {})}
+    stages = stage_verdicts(stage_records)
     orig_acc = t["original"].get("acc")
     per_class_r = [retain_verdict(r, o, k, f"gate row {names[c]}")
                    for c, (r, o) in enumerate(zip(t["wf"]["acc_r"], t["original"]["acc_r"]))]
@@ -310,8 +312,7 @@ def _evaluate_locked(run_dir: Path, ctx, cfg: dict[str, Any], *, device, batch_s
     if not wf_meta.get("stages"):
         health = merge(health, {"status": "warn", "reasons": ["wf.safetensors has no training record (made by an older "
                                                               "version?): its step count is unknown"], "notes": []})
-    health["stages"] = {name: {**(orig_meta.get("stages") or {}), **(wf_meta.get("stages") or {})}[name] | {"verdict": v}
-                        for name, v in stages.items()}
+    health["stages"] = {name: stage_records[name] | {"verdict": v} for name, v in stages.items()}
     metrics["health"] = health
     atomic_write_json(mpath, metrics)
     if report:

@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import torch
 
+from unlearn_fast.run_files import atomic_write_json
+
 __all__ = ["compare", "CompareResult"]
 
 
@@ -45,22 +47,6 @@ class CompareResult:
     report: Path
     figures: dict[str, str]
     health: dict[str, Any] | None = None
-
-
-def _plainify(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _plainify(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plainify(x) for x in v]
-    if isinstance(v, torch.Tensor):
-        return _plainify(v.tolist())
-    return v
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_plainify(obj), indent=1, allow_nan=True))
-    tmp.replace(path)
 
 
 def _load_state(path: Path, forget: list[int]) -> dict[str, Any] | None:
@@ -260,7 +246,7 @@ def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg
             rows[name] = {"status": "ok", **evaluate(m), "time_s": timing(tkey), "fingerprint": fp}
         v = merge(orig_health if name == "original" else None, *stage_verdicts(ref_stages[name]).values())
         rows[name]["health"] = v
-        _write_json(metrics_path, state)
+        atomic_write_json(metrics_path, state)
 
     for name in methods:
         meth = created[name]
@@ -301,11 +287,11 @@ def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg
             tb = traceback.format_exc().strip().splitlines()
             rows[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": tb[-12:],
                           "hparams": {"preset": meth.preset, **meth.hparams()}}
-        _write_json(metrics_path, state)
+        atomic_write_json(metrics_path, state)
     for name in methods:
         rows[name]["health"] = _row_health(name, rows[name], rows["original"], ctx.data.num_classes, stage_verdicts)
     state["health"] = _overall_health([rows[n]["health"] for n in ("original", "retrain", *methods)], rows, methods)
-    _write_json(metrics_path, state)
+    atomic_write_json(metrics_path, state)
 
     ok = [n for n in methods if rows.get(n, {}).get("status") == "ok"]
     old_figs = dict(state.get("figures") or {})
@@ -342,7 +328,7 @@ def _compare_locked(*, methods, created, forget, pre, plan, run_dir, device, cfg
         state["tsne"] = {"method": show, "retain_classes": near}
         state["figure_methods"] = ok
     state["figures"] = figs
-    _write_json(metrics_path, state)
+    atomic_write_json(metrics_path, state)
     report = write_compare_report(run_dir, state, figs)
     return CompareResult(json.loads(metrics_path.read_text()), run_dir, report, figs, state["health"])
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["atomic_write_text", "atomic_write_json", "fingerprint", "canonical", "tensors_digest", "RunLock",
+__all__ = ["atomic_write_text", "atomic_write_json", "fingerprint", "tensors_digest", "RunLock",
            "RunDirBusy", "check_writable_dir"]
 
 
@@ -50,40 +49,22 @@ def _umask() -> int:
     return mask
 
 
-def canonical(obj: Any) -> Any:
-    """JSON-plain form: tuples -> lists, tensors -> lists, non-finite floats -> strings, sorted keys."""
-    if isinstance(obj, Mapping):
-        return {str(k): canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, (list, tuple)):
-        return [canonical(v) for v in obj]
-    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
-        return canonical(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)
+def _json_default(obj: Any) -> Any:
+    """JSON for what ``json`` does not know: tensors / arrays (``tolist``) and paths."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
-    return obj
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    atomic_write_text(path, json.dumps(_json_plain(obj), indent=indent, allow_nan=True))
-
-
-def _json_plain(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _json_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_plain(v) for v in obj]
-    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
-        return _json_plain(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=True, default=_json_default))
 
 
 def fingerprint(obj: Any) -> str:
-    """16 hex digits of SHA-256 over the canonical JSON of ``obj``."""
-    blob = json.dumps(canonical(obj), sort_keys=True, separators=(",", ":")).encode()
+    """16 hex digits of SHA-256 over the canonical JSON (sorted keys) of ``obj``."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
