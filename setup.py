@@ -57,8 +57,10 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=find_packages(include=["unlearn_fast", "unlearn_fast.*"]) + ["unlearn_fast.kernels"],
-    package_dir={"unlearn_fast.kernels": "kernels"},
+    packages=find_packages(include=["unlearn_fast", "unlearn_fast.*"]) + ["unlearn_fast.kernels", "unlearn_fast.recipe_files"],
+    # recipes/*.yaml ship as package data (unlearn_fast.recipes finds them installed or in the checkout)
+    package_dir={"unlearn_fast.kernels": "kernels", "unlearn_fast.recipe_files": "recipes"},
+    package_data={"unlearn_fast.recipe_files": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -63,6 +63,14 @@ LEVERS: dict[str, dict] = {
     "unit_gate_l5": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "lambdas": [1, 5, 1]},
     "unit_gate_long": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "max_epochs": 15,
                        "patience": 10},
+    "unit_gate_long_l5": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "max_epochs": 15,
+                          "patience": 10, "lambdas": [1, 5, 1]},
+    "unit_gate_long_polish": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "max_epochs": 15,
+                              "patience": 10, "polish_steps": 60, "polish_lr": 0.05},
+    "unit_gate_long_l3": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "max_epochs": 15,
+                          "patience": 10, "lambdas": [1, 3, 1]},
+    "unit_gate_xlong_l5": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "max_epochs": 25,
+                           "patience": 15, "lambdas": [1, 5, 1]},
     "default": {},                                                         # the WF defaults as they stand
 }
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from unlearn_fast.kernels._tf32 import tf32_enabled
 
-__all__ = ["INTERPRET", "autotune", "m_bucket", "dot_precision", "dalpha", "tile_ids", "INTERP_TILE"]
+__all__ = ["INTERPRET", "autotune", "m_bucket", "dot_precision", "dalpha", "dalpha_classes", "tile_ids", "INTERP_TILE"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under the interpreter one small config: tiles smaller than the test shapes (B*H*W = 455 rows, 37
@@ -246,9 +246,6 @@ def dalpha(dy: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, alpha_w: tor
     given element strides (``R`` rows per sample), deterministically (no atomics). ``dalpha_b`` is None
     without ``alpha_b`` and zeros without a bias. With ``dyg`` also writes ``dyg = dy * sigmoid(alpha_w)[label]``."""
     aw = alpha_w.detach().float().contiguous()
-    N = aw.shape[0]
-    daw = torch.empty((N, O), device=aw.device, dtype=torch.float32)
-    dab = torch.empty_like(daw) if alpha_b is not None else None
     has_bias = bias is not None
     has_ab = alpha_b is not None
     ab = alpha_b.detach().float().contiguous() if has_ab else aw
@@ -270,9 +267,24 @@ def dalpha(dy: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, alpha_w: tor
                 BLOCK_R=block_r, BLOCK_O=block_o, num_warps=warps)
         else:
             parts.zero_()
+    return dalpha_classes(parts, labels, aw, alpha_b, bias, B, O)
+
+
+def dalpha_classes(parts: torch.Tensor, labels: torch.Tensor, alpha_w: torch.Tensor, alpha_b: torch.Tensor | None,
+                   bias: torch.Tensor | None, B: int, O: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pass 2 alone: ``(dalpha_w, dalpha_b)`` fp32 ``[N, O]`` from per-sample partials ``parts [SPLIT, 2, B, O]``
+    (``[:, 0]`` = sums of ``dy * (y - gb*b)``, ``[:, 1]`` = sums of ``dy``), split by split in index order.
+    Used by :func:`dalpha` and by kernels that write the partials themselves (``kernels.wf_conv``)."""
+    aw = alpha_w.detach().float().contiguous()
+    N = aw.shape[0]
+    daw = torch.empty((N, O), device=aw.device, dtype=torch.float32)
+    dab = torch.empty_like(daw) if alpha_b is not None else None
+    has_bias, has_ab = bias is not None, alpha_b is not None
+    ab = alpha_b.detach().float().contiguous() if has_ab else aw
+    bias_c = bias.detach().contiguous() if has_bias else aw
     if N > 0 and O > 0:
         bo = 16 if INTERPRET else 128
         _dalpha_classes_kernel[(N, triton.cdiv(O, bo))](
-            parts, labels, aw, ab, bias_c, daw, dab if dab is not None else daw, B, O, split,
+            parts, labels, aw, ab, bias_c, daw, dab if dab is not None else daw, B, O, parts.shape[0],
             HAS_BIAS=has_bias, HAS_ALPHA_B=has_ab, BLOCK_O=bo, num_warps=4 if not INTERPRET else 1)
     return daw, dab

@@ -1,25 +1,31 @@
 """Per-layer-shape choice between the two WF conv paths (issue 10 item 6):
 
-* ``"fused"``: the implicit-GEMM Triton kernels of ``kernels.wf_conv`` (gate in the GEMM epilogue /
-  prologue, dalpha from a separate deterministic pass);
+* ``"fused"``: the implicit-GEMM Triton kernels of ``kernels.wf_conv`` (channels-last, weights packed once
+  per version, one flat K loop, the gate in the GEMM epilogue / prologue, the strided dgrad split by
+  phase, dalpha fused into the dgrad kernel);
 * ``"epilogue"``: cuDNN conv + one pointwise Triton kernel each way (``kernels.wf_epilogue``).
 
-``TABLE`` maps :func:`shape_key` to the path measured faster for that shape on a GPU (fill it from a
-GPU run: ``bench/test_bench_wf_layers.py`` times both paths per layer; commit the result). Shapes not in the table
-get ``DEFAULT`` - the epilogue path, since cuDNN's conv is the stronger GEMM until a measurement says
-otherwise. ``UNLEARN_FAST_CONV_PATH=fused|epilogue`` forces one path for every shape. Imports nothing.
+``TABLE`` maps :func:`shape_key` to the path measured faster for that shape on a GPU. It lives in
+``kernels/conv_dispatch_table.py``, which ``bench/conv_table.py`` writes on a GPU (``bench/gpu_check.sh``
+runs it); commit that file. **Default:** a shape not in the table gets ``DEFAULT = "epilogue"`` - cuDNN's
+conv is the stronger GEMM until a measurement on the GPU at hand says otherwise (the table starts empty,
+so before the first GPU run every shape takes the epilogue path). ``UNLEARN_FAST_CONV_PATH=fused|epilogue``
+forces one path for every shape (``table`` or unset: the table). CPU tensors never get here: they take
+the reference path (``ops.wf_gate``). Imports nothing but the generated table.
 """
 from __future__ import annotations
 
 import os
+
+from unlearn_fast.kernels.conv_dispatch_table import TABLE as _GENERATED
 
 __all__ = ["TABLE", "DEFAULT", "PATHS", "shape_key", "choose"]
 
 PATHS = ("fused", "epilogue")
 DEFAULT = "epilogue"
 
-# Empty until the first GPU run (see DEFAULT): no GPU has measured the two paths yet.
-TABLE: dict[str, str] = {}
+# Written by bench/conv_table.py on a GPU (empty until the first GPU run: see DEFAULT).
+TABLE: dict[str, str] = dict(_GENERATED)
 
 
 def shape_key(C: int, O: int, KH: int, KW: int, stride, padding, dilation, H: int, W: int) -> str:

@@ -285,13 +285,19 @@ def test_weights_not_a_state_dict_and_bad_suffix(tmp_path):
 
 
 def test_weights_shape_mismatch_names_keys_and_config(tmp_path):
-    path = models.save_weights(_trained_small_cnn(num_classes=10), tmp_path / "w10.safetensors")
-    with pytest.raises(ValueError) as exc:
-        models.create("small_cnn", num_classes=5, in_chans=1, img_size=8, weights=path)
+    src = _trained_small_cnn(num_classes=10)
+    path = models.save_weights(src, tmp_path / "w10.safetensors")
+    with pytest.raises(ValueError) as exc:  # another width: body layers do not fit (the head alone would be resized)
+        models.create("small_cnn", num_classes=5, in_chans=1, img_size=8, width=8, weights=path)
     msg = str(exc.value)
-    assert "w10.safetensors" in msg and "shape mismatch" in msg and "fc.weight" in msg
+    assert "w10.safetensors" in msg and "shape mismatch" in msg and "block1" in msg
     assert "'num_classes': 5" in msg  # the expected config
     assert "'num_classes': 10" in msg  # what the file was saved for (safetensors metadata)
+    # a classifier of another class count is dropped (fresh head), every other tensor loads
+    dst = models.create("small_cnn", num_classes=5, in_chans=1, img_size=8, width=16, weights=path)
+    own, ref = dst.state_dict(), src.state_dict()
+    assert own["fc.weight"].shape[0] == 5
+    assert all(torch.equal(own[k], v) for k, v in ref.items() if not k.startswith("fc."))
 
 
 def test_weights_missing_and_unexpected_keys(tmp_path):

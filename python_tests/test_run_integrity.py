@@ -200,8 +200,9 @@ def test_stale_checkpoint_is_not_resumed(tmp_path):
 def test_log_csv_has_a_header_and_stage_names(tmp_path):
     _wf(tmp_path)
     lines = (tmp_path / "log.csv").read_text().splitlines()
-    assert lines[0] == "stage,epoch,micro,step,val,loss,time_s"
+    assert lines[0] == "stage,epoch,micro,step,val,loss,time_s,img_s"
     assert {ln.split(",")[0] for ln in lines[1:]} == {"original", "wf untrain"}
+    assert all(float(ln.split(",")[7]) > 0 for ln in lines[1:])  # throughput, images/s
     assert sum(ln == lines[0] for ln in lines) == 1
 
 

@@ -124,3 +124,22 @@ def test_gate_scale_survives_save_and_load(tmp_path):
         torch.testing.assert_close(back(x, torch.arange(5)), original(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="gate_scale"):
         wf.gate_scale = 0.0
+
+
+def test_scaled_frozen_weight_is_reused_until_it_changes():
+    """The fused conv path packs a weight once per tensor version: the scaled weight must be the same
+    tensor at every forward and a new one (with the new values) after an in-place update."""
+    from unlearn_fast.nn.wf_layers import _scaled
+
+    w = torch.randn(37, 5, 3, 3)
+    a, b = _scaled(w, 1.25), _scaled(w, 1.25)
+    assert a is b
+    torch.testing.assert_close(a, w * 1.25, rtol=0, atol=0)
+    with torch.no_grad():
+        w.add_(1.0)
+    c = _scaled(w, 1.25)
+    assert c is not a
+    torch.testing.assert_close(c, w * 1.25, rtol=0, atol=0)
+    assert _scaled(w, 2.0) is not c                       # another scale, another product
+    p = torch.randn(4, requires_grad=True)               # a trainable tensor is never cached
+    assert _scaled(p, 2.0).requires_grad and _scaled(p, 2.0) is not _scaled(p, 2.0)

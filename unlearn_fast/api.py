@@ -50,7 +50,10 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
           in_chans: int | None = None, evaluate: bool | None = None, retrain: bool = False,
           forget: list[int] | str | None = None, max_per_class: int | None = None, data_fraction: float | None = None,
           eval_splits: Sequence[str] = ("test", "train"), eval_train_max: int | None = 2000,
-          progress: bool = True, original_hparams: dict[str, Any] | None = None, **hparams: Any) -> TrainResult:
+          progress: bool = True, original_hparams: dict[str, Any] | None = None, workers: int | None = None,
+          channels_last: bool = False, bf16: bool = False, weights: str | Path | None = None,
+          feature_layers: str | Sequence[str] | None = None, model_kwargs: dict[str, Any] | None = None,
+          **hparams: Any) -> TrainResult:
     """Train or unlearn with ``method`` (see ``unlearn_fast.methods.list_methods()``).
 
     ``wf`` trains the original model first when the run dir has none (``original_hparams`` override its
@@ -60,11 +63,17 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
     (one class) or composes (several) those gate rows into a plain model, ``wf-f<classes>.safetensors``,
     and reports its accuracy. ``retrain=True`` also trains the per-class retrained models that
     Act-Dist / JS-Div need. Every keyword in ``hparams`` overrides the method's default (validated
-    before any work). ``max_per_class`` / ``data_fraction`` cap the data per class.
+    before any work). ``max_per_class`` / ``data_fraction`` cap the data per class. ``workers``,
+    ``channels_last``, ``bf16``: run options (``unlearn_fast.methods.run_options``). ``model`` may be any
+    ``timm:<name>`` / ``tv:<name>``; ``weights``: a local .pt/.pth/.safetensors file every model of the run
+    starts from (classifier head resized to the data's classes); ``feature_layers``: the stage outputs for EC
+    and the CKA / IDI layers (``"a,b,c"``); ``model_kwargs``: builder options (e.g. ``{"depth": 6}``). All are
+    recorded in the run's config.yaml and checked (one model build) before any work.
     """
     from unlearn_fast.evaluation.health import merge
     from unlearn_fast.forget import precheck_forget_request, resolve_forget_request
     from unlearn_fast.methods import create_method
+    from unlearn_fast.methods.run_options import RunOptions
 
     # -- validate everything before any work or write --------------------------------------
     meth = create_method(method, **hparams)
@@ -75,9 +84,19 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
     if method == "original" and forget is not None:
         raise ValueError("forget= has no meaning for method='original'; use it with wf or an unlearning method")
     _check_eval_options(eval_splits, eval_train_max)
+    opts = RunOptions.make(workers, channels_last, bf16)
+    mk = dict(model_kwargs or {})
+    if weights is not None:
+        mk["weights"] = str(weights)
+    if feature_layers is not None:
+        from unlearn_fast.models.stages import parse_layer_names
+
+        mk["feature_layers"] = parse_layer_names(feature_layers)
     plan = plan_run(model, data, run_dir, seed=seed, device=device, img_size=img_size, in_chans=in_chans,
-                    max_per_class=max_per_class, data_fraction=data_fraction, progress=progress)
+                    max_per_class=max_per_class, data_fraction=data_fraction, progress=progress,
+                    workers=opts.workers, model_kwargs=mk or None)
     ctx, run_dir = plan.ctx, plan.run_dir
+    ctx.apply_run_options(opts)
     forget_classes = precheck_forget_request(forget, ctx) if forget is not None else None
 
     with RunLock(run_dir):
@@ -189,18 +208,23 @@ def _forget_request_result(model, ctx, method: str) -> dict[str, Any]:
 def evaluate(run_dir: str | Path, *, device: str | torch.device | None = None, batch_size: int = 512,
              insertion_steps: int = 10, splits: tuple[str, ...] = ("test", "train"), train_max: int | None = 2000,
              representation: Any = None, knn_data: str | Sequence[str] | None = None,
-             progress: bool = True, report: bool = True) -> dict[str, Any]:
+             progress: bool = True, report: bool = True, workers: int | None = None, channels_last: bool = False,
+             bf16: bool = False) -> dict[str, Any]:
     """Evaluate the WF-Net of ``run_dir`` on every class; writes ``metrics.json`` and ``report.md``.
 
     ``splits``: the test split always, plus ``train`` / ``val``; the train split is capped at
     ``train_max`` images (stratified, seeded; 0 = all) since every image runs under every gate row.
     ``representation`` (``"all"`` or some of ``idi, probe, knn, mia``) and ``knn_data`` add the
     representation metrics per class, each gate row baked into a plain model
-    (``metrics["representation_per_class"]``)."""
+    (``metrics["representation_per_class"]``). ``workers``: DataLoader workers of the evaluation passes
+    over lazily decoded data; ``channels_last`` / ``bf16`` are training options (accepted with a note:
+    evaluation stays fp32 so its metrics compare across runs)."""
     from unlearn_fast.evaluation.representation import RepresentationOptions
     from unlearn_fast.methods import RunContext
+    from unlearn_fast.methods.run_options import RunOptions
 
     _check_eval_options(splits, train_max)
+    opts = RunOptions.make(workers, channels_last, bf16)
     rep = RepresentationOptions.make(representation, knn_data) if representation or knn_data else None
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -212,8 +236,12 @@ def evaluate(run_dir: str | Path, *, device: str | torch.device | None = None, b
     dev = check_device(device)
     plan = plan_run(cfg["model"], cfg["data"], run_dir, seed=cfg.get("seed", 0), device=dev,
                     img_size=cfg.get("img_size"), in_chans=cfg.get("in_chans"), max_per_class=cfg.get("max_per_class"),
-                    data_fraction=cfg.get("data_fraction"), progress=progress)
+                    data_fraction=cfg.get("data_fraction"), progress=progress, workers=opts.workers)
     ctx: RunContext = plan.ctx
+    ctx.apply_run_options(opts)
+    if ctx.channels_last or ctx.bf16:
+        ctx.say("--channels-last / --bf16 apply to training stages; evaluation runs in fp32 so its metrics "
+                "compare across runs")
     with RunLock(run_dir):
         return _evaluate_locked(run_dir, ctx, plan.cfg, device=dev, batch_size=batch_size,
                                 insertion_steps=insertion_steps, splits=splits, train_max=train_max,

@@ -16,10 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from unlearn_fast.distributed import main_rank_only
+
 __all__ = ["atomic_save", "load_state", "capture_rng", "restore_rng"]
 
 
+@main_rank_only
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary name, then rename; in a process group rank 0 alone writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")

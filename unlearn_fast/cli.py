@@ -1,4 +1,4 @@
-"""``unlearn-fast``: demo | train | evaluate | report | compare | list.
+"""``unlearn-fast``: demo | train | evaluate | report | compare | list | recipe.
 
 Every subcommand takes ``--config FILE.yaml`` whose keys are the long option names (``run_dir``,
 ``model``, ``data``, ``method``, ``seed``, ...) plus an ``hparams:`` mapping (and ``original_hparams:``);
@@ -103,7 +103,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _data_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="backbone name (unlearn-fast list)")
+    p.add_argument("--model", help="backbone name (unlearn-fast list), or timm:<name> / tv:<name>")
+    p.add_argument("--weights", metavar="FILE", help="local .pt/.pth/.safetensors (timm / torchvision / unlearn_fast) "
+                                                     "the model starts from; the classifier is resized to the data's classes")
+    p.add_argument("--feature-layers", dest="feature_layers", metavar="A,B,C",
+                   help="module names of the stage outputs used for EC and CKA / IDI (default: chosen by stage)")
     p.add_argument("--data", help="dataset spec: digits | idx:DIR | cifar10:DIR | cifar100:DIR | folder:DIR | faces:DIR")
     p.add_argument("--seed", type=int)
     p.add_argument("--img-size", dest="img_size", type=int, help="input size in px (default 32; the small CNN keeps the data's size)")
@@ -112,6 +116,21 @@ def _data_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-fraction", dest="data_fraction", type=float, help="keep this fraction of each class (seeded)")
     p.add_argument("--original-set", dest="original_set", action="append", metavar="KEY=VALUE",
                    help="override the original / retrained models' recipe (e.g. max_epochs=20; unlearn-fast list original)")
+
+
+def _run_opts(p: argparse.ArgumentParser) -> None:
+    """Run options (unlearn_fast.methods.run_options): how the run uses the machine, not what it computes."""
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="DataLoader worker processes decoding images (default: 0 on CPU; on CUDA min(8, CPUs) "
+                        "for folder:/faces: data too big to cache in memory)")
+    p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="NHWC memory layout for training (CUDA only; ignored with a note elsewhere)")
+    p.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 autocast in every training stage (CUDA only; ignored with a note elsewhere; "
+                        "recorded in the artefacts' fingerprints)")
+
+
+_RUN_KEYS = ("workers", "channels_last", "bf16")
 
 
 def _eval_opts(p: argparse.ArgumentParser) -> None:
@@ -172,13 +191,13 @@ def _train_kwargs(cfg: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
 
 
 _TRAIN_KEYS = ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain", "max_per_class",
-               "data_fraction", "forget", "eval_splits", "eval_train_max")
+               "data_fraction", "forget", "eval_splits", "eval_train_max", "weights", "feature_layers", *_RUN_KEYS)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["run_dir", "device", "threads", "model", "data", "seed", "retrain"], DEMO)
+    cfg = _merged(args, ["run_dir", "device", "threads", "model", "data", "seed", "retrain", *_RUN_KEYS], DEMO)
     # Measured here: one WF step of the small CNN took 40 ms on 1 thread and 660 ms on 2 busy cores.
     _set_threads(cfg.get("threads") or 1)
     t0 = time.perf_counter()
@@ -221,7 +240,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import unlearn_fast
 
     cfg = _merged(args, ["run_dir", "device", "batch_size", "insertion_steps", "threads", "eval_splits", "eval_train_max",
-                         "representation", "knn_data"])
+                         "representation", "knn_data", *_RUN_KEYS])
     _set_threads(cfg.get("threads"))
     if not cfg.get("run_dir"):
         raise InputError("evaluate needs --run-dir")
@@ -230,7 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         kw["splits"] = _splits(cfg["eval_splits"])
     if cfg.get("eval_train_max") is not None:
         kw["train_max"] = cfg["eval_train_max"]
-    for k in ("representation", "knn_data"):
+    for k in ("representation", "knn_data", *_RUN_KEYS):
         if cfg.get(k) is not None:
             kw[k] = cfg[k]
     m = unlearn_fast.evaluate(cfg["run_dir"], device=cfg.get("device"), batch_size=cfg.get("batch_size", 512),
@@ -255,8 +274,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     from unlearn_fast.data import list_datasets
     from unlearn_fast.methods import get_method_class, list_methods
     from unlearn_fast.methods.hparams import describe_hparams
-    from unlearn_fast.models import list_models
+    from unlearn_fast.models import list_models, list_prefixes
 
+    if args.what == "recipes":
+        from unlearn_fast.recipes import format_list
+
+        print(format_list())
+        return 0
     if args.what:
         cls = get_method_class(args.what)
         rows = describe_hparams(cls.Hparams)
@@ -271,7 +295,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         if presets:
             print("presets: " + "; ".join(f"{k} = {v}" for k, v in presets.items()))
         return 0
-    out = {"methods": list_methods(), "models": list_models(), "datasets": list_datasets(),
+    out = {"methods": list_methods(), "models": list_models(), "model prefixes": list(list_prefixes().values()),
+           "datasets": list_datasets(),
            "extension": {"loaded": _ext.HAS_C, "cuda": _ext.HAS_C_CUDA}}
     print(json.dumps(out, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
@@ -293,7 +318,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from unlearn_fast.evaluation.compare_report import compare_table_markdown
 
     keys = ["run_dir", "device", "model", "data", "seed", "img_size", "in_chans", "forget", "methods", "tsne_method", "threads",
-            "max_per_class", "data_fraction", "representation", "knn_data", "idi"]
+            "max_per_class", "data_fraction", "representation", "knn_data", "idi", *_RUN_KEYS]
     file_cfg = _load_config(getattr(args, "config", None), [*keys, "hparams", "original_hparams"])
     cfg = {**file_cfg, **{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}}
     _set_threads(cfg.get("threads"))
@@ -310,7 +335,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     forget = cfg["forget"]
     forget = ",".join(map(str, forget)) if isinstance(forget, list) else str(forget)
     kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "tsne_method",
-                              "max_per_class", "data_fraction", "representation", "knn_data") if cfg.get(k) is not None}
+                              "max_per_class", "data_fraction", "representation", "knn_data", *_RUN_KEYS)
+          if cfg.get(k) is not None}
     if cfg.get("idi") is not None:
         kw["representation_options"] = {"idi": cfg["idi"]}
     res = unlearn_fast.compare(methods=methods, forget=forget, hparams=hp,
@@ -322,6 +348,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return _status_code(res.health)
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    """``recipe NAME [--check]``: run a recipe (recipes/NAME.yaml or a path) and, with --check, compare its
+    metrics.json with the recipe's ranges (exit 1 when one is out or the health verdict is not accepted)."""
+    from unlearn_fast import recipes
+
+    if args.list or args.name == "list":
+        print(recipes.format_list())
+        return 0
+    if not args.name:
+        raise InputError(f"recipe needs a NAME (one of {', '.join(recipes.list_recipes())}) or --list")
+    rec = recipes.load(args.name)
+    recipes.resolve(rec, args.data_root)  # the data it needs exists: checked before any work
+    run_dir = Path(args.run_dir or Path("runs") / "recipes" / rec.name)
+    _set_threads(args.threads)
+    rc = recipes.run(rec, run_dir, main, data_root=args.data_root, quiet=args.quiet)
+    if rc not in (0, EXIT_FAIL):
+        return rc
+    if not args.check:
+        return rc
+    mpath = run_dir / "metrics.json"
+    if not mpath.is_file():
+        raise InputError(f"{mpath} is missing after the run: nothing to check")
+    res = recipes.check(rec, json.loads(mpath.read_text()), rc)
+    print("\n" + recipes.format_check(rec, res))
+    return 0 if res.ok else EXIT_FAIL
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unlearn-fast", description="Make an image classifier forget classes, fast, and prove it.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -330,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a WF hyper-parameter")
     d.add_argument("--original-set", dest="original_set", action="append", metavar="KEY=VALUE",
                    help="override the original / retrained models' recipe")
+    _run_opts(d)
     d.set_defaults(func=cmd_demo)
     t = sub.add_parser("train", help="train the original model, the retrained models, or unlearn (--method)")
     _common(t)
@@ -340,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method hyper-parameter (repeatable)")
     _eval_opts(t)
     t.add_argument("--no-eval", action="store_true", help="do not evaluate after WF untraining")
+    _run_opts(t)
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("evaluate", help="evaluate every class of a run's WF-Net; writes metrics.json and report.md")
     _common(e)
@@ -348,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_opts(e)
     e.add_argument("--representation", help="per-class representation metrics of each baked gate row: all | idi,probe,knn,mia")
     e.add_argument("--knn-data", dest="knn_data", action="append", metavar="SPEC", help="downstream data for k-NN (repeatable)")
+    _run_opts(e)
     e.set_defaults(func=cmd_evaluate)
     r = sub.add_parser("report", help="re-write report.md and figures from metrics.json")
     _common(r)
@@ -372,11 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="override a method hyper-parameter (repeatable)")
     c.add_argument("--original-set", dest="original_set", action="append", metavar="KEY=VALUE",
                    help="override the original / retrained models' recipe (e.g. max_epochs=20)")
+    _run_opts(c)
     c.set_defaults(func=cmd_compare)
     li = sub.add_parser("list", help="methods, models, datasets, extension status; `list METHOD`: its hyper-parameters")
     li.add_argument("what", nargs="?", help="a method name: every hyper-parameter with its default and meaning")
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=cmd_list)
+    rc = sub.add_parser("recipe", help="run a recipe (settings + the metric ranges it must land in); --check compares them")
+    rc.add_argument("name", nargs="?", help="recipe name (recipe --list) or a path to a recipe .yaml")
+    rc.add_argument("--check", action="store_true", help="print each metric with its range; exit 1 if any is out of range")
+    rc.add_argument("--list", action="store_true", help="list the shipped recipes with where their ranges come from")
+    rc.add_argument("--run-dir", dest="run_dir", help="run directory (default runs/recipes/NAME; re-running resumes)")
+    rc.add_argument("--data-root", dest="data_root", help="folder that ${DATA} in a recipe names (default: $UNLEARN_FAST_DATA, "
+                    "else ../shared/data beside the source checkout)")
+    rc.add_argument("--threads", type=int, help="torch CPU threads for this process")
+    rc.add_argument("--quiet", action="store_true", help="no progress output")
+    rc.set_defaults(func=cmd_recipe)
     return p
 
 
@@ -387,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not sys.stderr.isatty():  # logs, CI, pipes: one line per evaluation from the loop instead of progress bars
         os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        return args.func(args)
+        return _run_ranked(args)
     except KeyboardInterrupt:
         print("\ninterrupted: progress is checkpointed; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPT
@@ -401,6 +468,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc.strerror or exc} ({exc.filename or 'run directory'}); fix it and run the same command again",
               file=sys.stderr)
         return EXIT_INPUT
+
+
+def _run_ranked(args: argparse.Namespace) -> int:
+    """``args.func(args)``; under ``torchrun --nproc_per_node N`` first joins the process group (NCCL and
+    ``cuda:LOCAL_RANK`` on CUDA, gloo on the CPU; unlearn_fast.distributed) - rank 0 prints and writes,
+    the other ranks train their data shard silently."""
+    from unlearn_fast import distributed as ddp
+
+    dev = ddp.init_from_env(getattr(args, "device", None))
+    if dev is None:
+        return args.func(args)
+    import torch.distributed as dist
+
+    if hasattr(args, "device"):
+        args.device = str(dev)
+    quiet = None
+    if ddp.rank() > 0:
+        os.environ["TQDM_DISABLE"] = "1"
+        if hasattr(args, "quiet"):
+            args.quiet = True  # progress bars are rank 0's
+        quiet, sys.stdout = sys.stdout, open(os.devnull, "w")
+    try:
+        return args.func(args)
+    finally:
+        if quiet is not None:
+            sys.stdout.close()
+            sys.stdout = quiet
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -124,7 +124,8 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
             figures: bool = True, batch_size: int = 512, max_per_class: int | None = None,
             data_fraction: float | None = None, representation: Any = None,
             knn_data: str | Sequence[str] | None = None,
-            representation_options: dict[str, Any] | None = None) -> CompareResult:
+            representation_options: dict[str, Any] | None = None, workers: int | None = None,
+            channels_last: bool = False, bf16: bool = False) -> CompareResult:
     """Run ``methods`` on one original model and one forget request; evaluate, tabulate and plot them.
 
     ``forget``: class list, ``"1,4"``, ``"random:K"`` or ``"similar:K:<dataset spec>"`` (resolved after the
@@ -136,10 +137,12 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     ``knn_data``: downstream data spec(s) for EC's k-NN columns; ``representation_options``: fields of
     ``evaluation.representation.RepresentationOptions``. ``"wf"`` in ``methods`` untrains WF-Net once (or
     reuses the run's ``wf.safetensors``) and evaluates its gate rows of the forget request baked into a
-    plain model (``nn.bake`` / ``nn.compose``).
+    plain model (``nn.bake`` / ``nn.compose``). ``workers``, ``channels_last``, ``bf16``: run options
+    (``unlearn_fast.methods.run_options``).
     """
     from unlearn_fast.forget import precheck_forget_request
     from unlearn_fast.methods import create_method
+    from unlearn_fast.methods.run_options import RunOptions
     from unlearn_fast.methods.unlearning import UnlearningMethod
     from unlearn_fast.run_files import RunLock
     from unlearn_fast.runs import open_run, plan_run
@@ -169,9 +172,12 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
         create_method("original", **original_hparams)
     if retrain_hparams is not None:
         create_method("retrain", **retrain_hparams)
+    run_opts = RunOptions.make(workers, channels_last, bf16)
     plan = plan_run(model, data, run_dir, seed=seed, device=device, img_size=img_size, in_chans=in_chans,
-                    max_per_class=max_per_class, data_fraction=data_fraction, progress=progress)
+                    max_per_class=max_per_class, data_fraction=data_fraction, progress=progress,
+                    workers=run_opts.workers)
     run_dir, device, cfg, ctx = plan.run_dir, plan.device, plan.cfg, plan.ctx
+    ctx.apply_run_options(run_opts)
     seed = cfg.get("seed", seed)
     pre = precheck_forget_request(forget, ctx)
     from unlearn_fast.evaluation.representation import RepresentationOptions, prepare_cache

@@ -23,12 +23,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from unlearn_fast.distributed import is_main, main_rank_only
+
 __all__ = ["atomic_write_text", "atomic_write_json", "fingerprint", "tensors_digest", "RunLock",
            "RunDirBusy", "check_writable_dir"]
 
 
+@main_rank_only
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically (same-folder temporary file + fsync + rename)."""
+    """Replace ``path`` by ``text`` atomically (same-folder temporary file + fsync + rename); in a
+    process group rank 0 alone writes (:func:`unlearn_fast.distributed.main_rank_only`)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
@@ -113,7 +117,8 @@ class RunLock:
     """``with RunLock(run_dir):`` - exclusive use of a run directory by this process (re-entrant).
 
     Creates the directory (the caller validates inputs first). A second process gets
-    :class:`RunDirBusy` at once, with the holder's pid."""
+    :class:`RunDirBusy` at once, with the holder's pid. In a process group (torchrun) rank 0 holds the
+    lock for all ranks; the others take none."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
@@ -124,6 +129,9 @@ class RunLock:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.key = os.path.realpath(self.run_dir)
+        if not is_main():
+            self.key = ""
+            return self
         held = _HELD.get(self.key)
         if held is not None:
             held[1] += 1

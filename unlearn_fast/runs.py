@@ -23,7 +23,7 @@ __all__ = ["RunPlan", "plan_run", "open_run", "check_device", "default_device", 
            "RUN_KEYS", "ensure_original", "stage_verdicts", "original_health"]
 
 RUN_KEYS = ("model", "data", "seed", "img_size", "in_chans", "val_fraction", "test_fraction", "max_per_class",
-            "data_fraction")
+            "data_fraction", "model_kwargs")
 
 
 def default_device() -> torch.device:
@@ -33,7 +33,7 @@ def default_device() -> torch.device:
 def check_device(device: str | torch.device | None) -> torch.device:
     """The device to run on, or one ValueError line saying why it cannot be used."""
     if device is None:
-        return default_device()
+        device = default_device()
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError):
@@ -49,6 +49,11 @@ def check_device(device: str | torch.device | None) -> torch.device:
             raise ValueError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
     elif d.type != "cpu":
         raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if d.type == "cuda" and d.index is None:
+        from unlearn_fast.distributed import is_distributed, local_rank
+
+        if is_distributed():  # torchrun: each rank on its own GPU
+            d = torch.device("cuda", local_rank())
     return d
 
 
@@ -87,15 +92,18 @@ class RunPlan:
 
 def plan_run(model: str, data: str, run_dir: str | Path | None, *, seed: int = 0,
              device: str | torch.device | None = None, img_size: int | None = None, in_chans: int | None = None,
-             max_per_class: int | None = None, data_fraction: float | None = None, progress: bool = True) -> RunPlan:
-    """Validate a run (see the module docstring); raises ValueError / FileNotFoundError with one line."""
+             max_per_class: int | None = None, data_fraction: float | None = None, progress: bool = True,
+             workers: int | None = None, model_kwargs: dict[str, Any] | None = None) -> RunPlan:
+    """Validate a run (see the module docstring); raises ValueError / FileNotFoundError with one line.
+    ``workers``: the run option (processes decoding image files while the data loads)."""
     from unlearn_fast.data import load
     from unlearn_fast.data.checks import check_bundle
     from unlearn_fast.methods import RunContext
-    from unlearn_fast.models import list_models
+    from unlearn_fast.models import is_model_name, list_models, list_prefixes
 
-    if not isinstance(model, str) or model not in list_models():
-        raise ValueError(f"unknown model {model!r}; available: {', '.join(list_models())}")
+    if not isinstance(model, str) or not is_model_name(model):
+        raise ValueError(f"unknown model {model!r}; available: {', '.join(list_models())}"
+                         + "".join(f"; {h}" for h in list_prefixes().values()))
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     for name, v, lo in (("img_size", img_size, 1), ("max_per_class", max_per_class, 1)):
@@ -112,7 +120,7 @@ def plan_run(model: str, data: str, run_dir: str | Path | None, *, seed: int = 0
     if img_size is None and model != "small_cnn":
         img_size = 32  # the paper backbones at 32 px (WF-Net App. A); the small CNN keeps the data's size
     asked = {"model": model, "data": data, "seed": seed, "img_size": img_size, "in_chans": in_chans,
-             "max_per_class": max_per_class, "data_fraction": data_fraction}
+             "max_per_class": max_per_class, "data_fraction": data_fraction, "model_kwargs": model_kwargs or None}
     old = read_config(run_dir)
     if old:
         diff = {k: (old.get(k), v) for k, v in asked.items() if k in RUN_KEYS and v is not None
@@ -130,7 +138,9 @@ def plan_run(model: str, data: str, run_dir: str | Path | None, *, seed: int = 0
               if cfg.get(k) is not None}
     if cfg.get("data_fraction") is not None:
         kwargs["fraction"] = cfg["data_fraction"]
-    bundle = load(cfg["data"], seed=cfg.get("seed", 0), **kwargs)
+    from unlearn_fast.data.pipeline import load_workers
+
+    bundle = load(cfg["data"], seed=cfg.get("seed", 0), workers=load_workers(workers, dev), **kwargs)
     warnings = check_bundle(bundle)
     splits = run_dir / "splits.json"
     if splits.exists():  # a resumed run must see the same samples in the same splits
@@ -139,8 +149,13 @@ def plan_run(model: str, data: str, run_dir: str | Path | None, *, seed: int = 0
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{splits} is corrupt; delete it (and the run's models) or use another run_dir") from None
         bundle.check_manifest(manifest)
+    mk = dict(cfg.get("model_kwargs") or {})
+    if model_kwargs:  # weights= / feature_layers= / builder kwargs: build once so a bad one fails before any work
+        from unlearn_fast.models import create
+
+        create(cfg["model"], num_classes=bundle.num_classes, in_chans=bundle.in_chans, img_size=bundle.img_size, **mk)
     ctx = RunContext(data=bundle, model_name=cfg["model"], run_dir=run_dir, device=dev, seed=cfg.get("seed", 0),
-                     progress=progress)
+                     progress=progress, model_kwargs=mk)
     return RunPlan(run_dir, dev, cfg, ctx, warnings)
 
 

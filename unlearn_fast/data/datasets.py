@@ -6,6 +6,8 @@
 
 Preprocessing (channels, resize) is applied per item, or once for the whole split by
 :meth:`ImageDataset.cache` when the result fits in memory. Normalisation is applied on access.
+Nothing per item is random, so DataLoader worker processes (which decode :class:`ImageFileDataset`
+files off the training thread) give the same batches as loading in process.
 ``__getitems__`` serves a whole ``DataLoader`` batch with one gather / resize / normalise.
 """
 from __future__ import annotations
@@ -33,7 +35,15 @@ class ImageDataset(Dataset):
     def _raw(self, i: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def _processed_batches(self, indices: Sequence[int], batch: int = 512) -> Iterator[torch.Tensor]:
+    def _processed_batches(self, indices: Sequence[int], batch: int = 512, workers: int = 0) -> Iterator[torch.Tensor]:
+        """Preprocessed samples ``indices`` in order, ``[<=batch, C, S, S]`` at a time; ``workers`` > 0
+        decodes them in that many DataLoader processes (same values, same order)."""
+        if workers > 0 and len(indices) > batch:
+            from torch.utils.data import DataLoader
+
+            yield from DataLoader(_Preprocessed(self, indices), batch_size=batch, shuffle=True, num_workers=workers,
+                                  collate_fn=_first)
+            return
         for s in range(0, len(indices), batch):
             yield torch.stack([self.preprocess(self._raw(int(i))) for i in indices[s : s + batch]])
 
@@ -58,12 +68,13 @@ class ImageDataset(Dataset):
         c, h, w = self.sample_shape
         return len(self) * c * h * w * 4
 
-    def cache(self, progress: bool = False) -> None:
-        """Preprocess every sample once into a float32 ``[n, C, S, S]`` tensor held in memory."""
+    def cache(self, progress: bool = False, workers: int = 0) -> None:
+        """Preprocess every sample once into a float32 ``[n, C, S, S]`` tensor held in memory (decoded in
+        ``workers`` processes when > 0)."""
         if self._cache is not None:
             return
         out = torch.empty((len(self), *self.sample_shape), dtype=torch.float32)
-        batches = self._processed_batches(range(len(self)))
+        batches = self._processed_batches(range(len(self)), workers=workers)
         if progress:
             from tqdm.auto import tqdm
 
@@ -74,8 +85,10 @@ class ImageDataset(Dataset):
             pos += xb.shape[0]
         self._cache = out
 
-    def channel_stats(self, indices: Sequence[int] | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel pixel mean / std of the preprocessed images (all, or ``indices``)."""
+    def channel_stats(self, indices: Sequence[int] | None = None,
+                      workers: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel pixel mean / std of the preprocessed images (all, or ``indices``; decoded in
+        ``workers`` processes when > 0)."""
         stats = ChannelStats()
         idx = range(len(self)) if indices is None else indices
         if self._cache is not None:
@@ -83,7 +96,7 @@ class ImageDataset(Dataset):
             for s in range(0, sel.numel(), 4096):
                 stats.update(self._cache[sel[s : s + 4096]])
         else:
-            for xb in self._processed_batches(idx):
+            for xb in self._processed_batches(idx, workers=workers):
                 stats.update(xb)
         return stats.compute()
 
@@ -121,6 +134,23 @@ class ImageDataset(Dataset):
         if self.normalize is not None:
             x = self.normalize(x)
         return SampleBatch(x, self.targets[idx_t])
+
+
+class _Preprocessed(Dataset):
+    """Position ``p`` -> ``ds``'s preprocessed sample ``indices[p]``; whole batches via ``__getitems__``."""
+
+    def __init__(self, ds: ImageDataset, indices: Sequence[int]) -> None:
+        self.ds, self.indices = ds, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitems__(self, pos: Sequence[int]) -> list[torch.Tensor]:
+        return [torch.stack([self.ds.preprocess(self.ds._raw(int(self.indices[p]))) for p in pos])]
+
+
+def _first(batch: list) -> torch.Tensor:
+    return batch[0]
 
 
 class SampleBatch(list):
@@ -163,7 +193,8 @@ class TensorImageDataset(ImageDataset):
             return self._cache[idx]
         return self.preprocess(self.images[self.indices[idx]])
 
-    def _processed_batches(self, indices: Sequence[int], batch: int = 2048) -> Iterator[torch.Tensor]:
+    def _processed_batches(self, indices: Sequence[int], batch: int = 2048, workers: int = 0) -> Iterator[torch.Tensor]:
+        # in memory already: one vectorised op per batch, no workers
         sel = self.indices[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
         for s in range(0, sel.numel(), batch):
             yield self.preprocess(self.images[sel[s : s + batch]])

@@ -149,6 +149,7 @@ def load(
     std: Sequence[float] | None = None,
     resize: str | None = None,
     cache: bool | None = None,
+    workers: int = 0,
 ) -> DataBundle:
     """Load ``spec`` into a :class:`DataBundle` of seeded, stratified train/val/test splits.
 
@@ -170,8 +171,13 @@ def load(
         resize: ``"stretch"`` or ``"crop"`` (shorter side to ``img_size`` + centre crop); default
             ``"crop"`` for folders, ``"stretch"`` elsewhere.
         cache: hold the preprocessed splits in memory; default: when resizing or decoding files is
-            needed and they fit in ``UNLEARN_FAST_DATA_CACHE_MB`` (1024).
+            needed and they fit in ``UNLEARN_FAST_DATA_CACHE_MB`` (1024); otherwise file-backed splits
+            are decoded lazily, per item (``ImageFileDataset``), in the training loop's DataLoader workers.
+        workers: processes that decode image files while building the cache and the normalisation
+            statistics (0: in this process). The values are the same for every count.
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0 (processes decoding image files), got {workers!r}")
     kind, path = parse_spec(spec)
     src = READERS[kind][0](path)
 
@@ -203,7 +209,7 @@ def load(
     do_cache = cache if cache is not None else ((files or resizing) and nbytes <= _cache_budget())
     if do_cache:
         for s in SPLITS:
-            ds[s].cache(progress=files and len(ds[s]) > 2000)
+            ds[s].cache(progress=files and len(ds[s]) > 2000, workers=workers if files else 0)
 
     if mean_t is None:
         train = ds["train"]
@@ -211,7 +217,7 @@ def load(
         if files and not train.is_cached and len(train) > STATS_MAX_FILES:
             rng = np.random.default_rng([seed, 0x57A7])
             sample = np.sort(rng.choice(len(train), size=STATS_MAX_FILES, replace=False))
-        mean_t, std_t = train.channel_stats(sample)
+        mean_t, std_t = train.channel_stats(sample, workers=workers if files else 0)
     for d in ds.values():
         d.set_normalization(mean_t, std_t)
 

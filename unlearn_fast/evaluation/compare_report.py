@@ -304,5 +304,7 @@ def write_compare_report(run_dir: str | Path, metrics: dict[str, Any], figures: 
     if metrics.get("tsne_note"):
         lines += [metrics["tsne_note"], ""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
+    from unlearn_fast.run_files import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines))  # atomic; rank 0 alone in a process group
     return path

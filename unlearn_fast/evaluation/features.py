@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from unlearn_fast.data.pipeline import eval_loader
 
 __all__ = ["penultimate_features"]
 
@@ -29,7 +31,7 @@ def penultimate_features(model: nn.Module, dataset: Dataset, device: torch.devic
     model.eval()
     ys = []
     try:
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        for x, y in eval_loader(dataset, batch_size):  # workers for lazily decoded data (data.pipeline)
             model(x.to(device))
             ys.append(torch.as_tensor(y))
     finally:

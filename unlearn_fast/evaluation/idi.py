@@ -53,6 +53,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from unlearn_fast.data.pipeline import eval_loader
+
 __all__ = ["IDIConfig", "IDI_PRESETS", "idi_config", "infonce_binary", "idi_layers", "layer_mutual_information",
            "idi_from_mi", "compute_idi"]
 
@@ -246,7 +248,7 @@ def _classifier_name(model: nn.Module, classifier: str | None) -> str:
 def _read_out(critic: _LayerCritic, ds: Dataset, device, batch_size: int) -> float:
     critic.eval()
     s, ys = [], []
-    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
+    for x, y in eval_loader(ds, batch_size):  # workers for lazily decoded data (data.pipeline)
         s.append(critic(x.to(device)).double().cpu())
         ys.append(torch.as_tensor(y))
     return float(infonce_binary(torch.cat(s), torch.cat(ys)))

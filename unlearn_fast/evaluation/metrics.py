@@ -178,9 +178,18 @@ def linear_cka(X: Tensor, Y: Tensor) -> float:
     return float(ops.cka_finalize(*st, n=X.shape[0])[0])
 
 
-def channels_last_features(model: nn.Module) -> bool:
-    """timm Swin blocks return ``[B, H, W, C]`` (channels last); every other backbone ``[B, C, H, W]``."""
-    return str(getattr(model, "unlearn_fast_name", "")).startswith("swin")
+def channels_last_features(model: nn.Module, layer: str | None = None) -> bool:
+    """Whether ``layer``'s output is ``[B, H, W, C]`` (channels last): timm Swin blocks are; for a model
+    made by name (``timm:`` / ``tv:``) the stage rule's dry forward saw each stage's layout."""
+    name = str(getattr(model, "unlearn_fast_name", ""))
+    if ":" in name and layer is not None:
+        from unlearn_fast.models.stages import stage_info
+
+        try:
+            return stage_info(model).layouts.get(layer) == "nhwc"
+        except ValueError:
+            return False
+    return name.startswith("swin")
 
 
 INPUT_SUFFIX = ":in"
@@ -207,7 +216,7 @@ class FeatureHooks:
             raise KeyError(f"layers {missing} are not modules of {type(model).__name__}; some names: {some} "
                            "(see unlearn_fast.models.feature_layers)")
         self.out: dict[str, Tensor] = {}
-        self.channels_last = channels_last_features(model)
+        self.channels_last = {name: channels_last_features(model, name) for name in layers}
         self.handles = []
         for name in layers:
             mod, on_input = hooked_module_name(name)
@@ -226,7 +235,7 @@ class FeatureHooks:
     def _hook(self, name: str, pool: str):
         def fn(_mod, _inp, out):
             t = out[0] if isinstance(out, (tuple, list)) else out
-            if self.channels_last and isinstance(t, Tensor) and t.dim() == 4:
+            if self.channels_last[name] and isinstance(t, Tensor) and t.dim() == 4:
                 t = t.permute(0, 3, 1, 2)
             self.out[name] = pool_features(t, pool)
 

@@ -12,16 +12,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from unlearn_fast.distributed import main_rank_only  # noqa: E402
+
 __all__ = ["save_figure", "plot_accuracy_bars", "plot_alpha_heatmap", "plot_insertion_deletion", "plot_filter_class",
            "filter_class_links"]
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write ``fig`` as a PNG (folders created) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    """Write ``fig`` as a PNG (folders created; rank 0 alone in a process group) and close it."""
+    _write_png(fig, path)
     plt.close(fig)
     return path
+
+
+@main_rank_only
+def _write_png(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def plot_accuracy_bars(metrics: dict[str, Any], path: Path) -> Path:

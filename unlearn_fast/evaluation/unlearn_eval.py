@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from unlearn_fast.data.pipeline import eval_loader
 from unlearn_fast.evaluation.features import _classifier_module, penultimate_features  # noqa: F401  (re-exported)
 
 __all__ = ["evaluate_unlearned", "hmean_scores", "h_mean", "random_model_like", "penultimate_layer",
@@ -148,7 +149,7 @@ def forget_accuracies(model: nn.Module, dataset: Dataset, forget: Sequence[int],
     """(forget accuracy, retain accuracy) in % of ``model`` on ``dataset``."""
     acc = _Acc(torch.tensor(sorted(forget)))
     model.eval()
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for x, y in eval_loader(dataset, batch_size):
         acc.update(model(x.to(device)).float(), torch.as_tensor(y).to(device))
     return acc.result()
 
@@ -161,7 +162,7 @@ def _check(model: nn.Module, what: str) -> None:
 
 
 def _loader(ds: Dataset, batch_size: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return eval_loader(ds, batch_size)  # workers for lazily decoded data (data.pipeline)
 
 
 def _pct(v: Any) -> float:

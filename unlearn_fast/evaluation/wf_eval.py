@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from unlearn_fast.data.pipeline import eval_loader
 from unlearn_fast.evaluation.metrics import ZRF, ActivationDistance, JSDivergence
 from unlearn_fast.evaluation.unlearn_eval import random_model_like
 from unlearn_fast.nn import WFModel
@@ -29,7 +30,7 @@ __all__ = ["evaluate_wf", "gate_accuracy_table", "insertion_deletion"]
 
 
 def _loader(ds: Dataset, batch_size: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return eval_loader(ds, batch_size)  # workers for lazily decoded data (data.pipeline)
 
 
 class _Counts:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from unlearn_fast.data import DataBundle
+from unlearn_fast.methods.run_options import RunOptions
 
-__all__ = ["RunContext", "Method", "MethodOutput", "artefact_meta"]
+__all__ = ["RunContext", "RunOptions", "Method", "MethodOutput", "artefact_meta"]
 
 
 @dataclass
@@ -26,6 +27,10 @@ class RunContext:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     forget: list[int] | None = None       # the forget request's classes (unlearning methods)
     notes: list[str] = field(default_factory=list)
+    # run options (methods.run_options): how the run uses the machine; see apply_run_options
+    workers: int | None = None            # DataLoader workers; None: data.pipeline.default_workers
+    channels_last: bool = False           # NHWC layout (CUDA only)
+    bf16: bool = False                    # bf16 autocast in every training stage (CUDA only)
     _data_fp: str | None = field(default=None, repr=False)
 
     def new_model(self, seed: int | None = None) -> nn.Module:
@@ -46,6 +51,34 @@ class RunContext:
 
         torch.manual_seed(zlib.crc32(f"{self.seed}:{name}".encode()))
 
+    # -- run options (methods.run_options) ---------------------------------------------------
+    def apply_run_options(self, opts: RunOptions) -> None:
+        """Adopt validated run options; on a device other than CUDA, ``channels_last`` and ``bf16`` are
+        ignored with a note. Also sets the worker count of evaluation passes (data.pipeline)."""
+        from unlearn_fast.data.pipeline import set_eval_workers
+
+        cuda = self.device.type == "cuda"
+        for name in ("channels_last", "bf16"):
+            if getattr(opts, name) and not cuda:
+                self.say(f"--{name.replace('_', '-')} applies on CUDA only; ignored on {self.device.type}")
+        self.workers, self.channels_last, self.bf16 = opts.workers, opts.channels_last and cuda, opts.bf16 and cuda
+        set_eval_workers(self.num_workers())
+
+    def num_workers(self) -> int:
+        """DataLoader workers for this run's training data: the ``workers`` option, else the default
+        (``min(8, CPUs)`` for lazily decoded data on CUDA, 0 otherwise)."""
+        from unlearn_fast.data.pipeline import default_workers
+
+        return self.workers if self.workers is not None else default_workers(self.data.train, self.device)
+
+    def loop_options(self, amp: bool = False) -> dict[str, Any]:
+        """The run options as ``LoopConfig`` fields: ``LoopConfig(..., **ctx.loop_options(amp=hp.amp))``.
+
+        ``amp``: the method's own setting; ``bf16`` turns it on for every stage (on CUDA; the loop never
+        autocasts elsewhere). ``pin_memory`` is left to the loop (on when the device is CUDA)."""
+        return {"num_workers": self.num_workers(), "channels_last": bool(self.channels_last),
+                "amp": bool(amp or self.bf16)}
+
     @property
     def state_dir(self) -> Path:
         d = self.run_dir / "state"
@@ -60,9 +93,11 @@ class RunContext:
 
         if self._data_fp is None:
             self._data_fp = fingerprint(self.data.manifest())
-        return fingerprint({"kind": kind, "data": self._data_fp, "model": self.model_name,
-                            "model_kwargs": self.model_kwargs, "seed": self.seed, "hparams": hparams,
-                            "inputs": inputs or {}})
+        what = {"kind": kind, "data": self._data_fp, "model": self.model_name, "model_kwargs": self.model_kwargs,
+                "seed": self.seed, "hparams": hparams, "inputs": inputs or {}}
+        if self.bf16:  # changes the numbers (workers / channels_last do not); absent otherwise: old fingerprints hold
+            what["bf16"] = True
+        return fingerprint(what)
 
     def current(self, path: Path, fp: str) -> bool:
         """True when ``path`` exists and was made with fingerprint ``fp``; a stale file is announced
@@ -81,8 +116,11 @@ class RunContext:
         """A one-line note for the user (stderr) and for the run's record."""
         import sys
 
+        from unlearn_fast.distributed import is_main
+
         self.notes.append(msg)
-        print(f"unlearn_fast: {msg}", file=sys.stderr, flush=True)
+        if is_main():  # torchrun: one copy of each note
+            print(f"unlearn_fast: {msg}", file=sys.stderr, flush=True)
 
 
 def artefact_meta(path: Path) -> dict[str, Any]:

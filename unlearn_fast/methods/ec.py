@@ -229,8 +229,10 @@ def ec_modules_path(run_dir: Path, s: ECSettings) -> Path:
 
 
 def pretrain_ec_modules(original: nn.Module, data, s: ECSettings, *, state_path: Path, device: torch.device,
-                        seed: int = 0, progress: bool = False, amp: bool = True, fingerprint: str | None = None) -> ECModules:
-    """SupCon pre-training of fresh EC modules on ``data.train`` with ``original`` frozen (see module doc)."""
+                        seed: int = 0, progress: bool = False, amp: bool = True, fingerprint: str | None = None,
+                        loop_options: dict | None = None) -> ECModules:
+    """SupCon pre-training of fresh EC modules on ``data.train`` with ``original`` frozen (see module doc).
+    ``loop_options``: the run options as ``LoopConfig`` fields (``RunContext.loop_options()``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1009 + 2)
         modules = build_ec_modules(original, with_blocks=True, extra_points=0)
@@ -254,7 +256,8 @@ def pretrain_ec_modules(original: nn.Module, data, s: ECSettings, *, state_path:
         return loss
 
     cfg = LoopConfig(batch_size=s.pretrain_batch_size, max_epochs=s.pretrain_epochs, max_steps=s.pretrain_max_steps,
-                     patience=None, seed=seed, amp=amp, progress=progress, desc="ec_modules SupCon")
+                     patience=None, seed=seed, progress=progress, desc="ec_modules SupCon",
+                     **{**(loop_options or {}), "amp": amp or bool((loop_options or {}).get("amp"))})
     fit(params_owner=modules, trainable=params, optimizer=opt, dataset=data.train, cfg=cfg, loss_fn=loss_fn,
         val_fn=None, state_path=state_path, generators={"aug": gen}, device=device, fingerprint=fingerprint)
     modules.eval()
@@ -292,7 +295,8 @@ def prepare_ec_modules(u: UnlearnContext, model: nn.Module, s: ECSettings) -> EC
     else:  # missing, or pre-trained on another original model (stale)
         t0 = time.perf_counter()
         base = pretrain_ec_modules(u.original, u.data, s, state_path=u.run.state_dir / f"{path.stem}.pretrain.pt",
-                                   device=u.device, seed=u.run.seed, progress=u.run.progress, fingerprint=orig_digest)
+                                   device=u.device, seed=u.run.seed, progress=u.run.progress, fingerprint=orig_digest,
+                                   loop_options=u.run.loop_options())
         save_tensors(base.state_dict(), path, {"ec_modules": base.config, "pretrain": _pretrain_config(s),
                                                "seconds": time.perf_counter() - t0, "original": orig_digest})
     if not s.extra_points:

@@ -40,7 +40,8 @@ class Original(Method):
         res, sched = train_classifier(model, ctx.model_name, ctx.data.train, ctx.data.val, self.hp,
                                       hflip_default=ctx.data.hflip, device=ctx.device, seed=ctx.seed,
                                       state_path=ctx.state_dir / "original.pt", desc="original",
-                                      progress=ctx.progress, log_path=ctx.run_dir / "log.csv", fingerprint=fp)
+                                      progress=ctx.progress, log_path=ctx.run_dir / "log.csv", fingerprint=fp,
+                                      loop_options=ctx.loop_options())
         stage = stage_record(res, sched)
         save_model(model, out, best_val_acc=res.best_score, epochs=res.epochs, seconds=res.seconds,
                    fingerprint=fp, hparams=hp, stages={"original": stage})

@@ -71,7 +71,8 @@ class Retrain(Method):
                                       ctx.data.subset("val", exclude=exclude), self._recipe(),
                                       hflip_default=ctx.data.hflip, device=ctx.device, seed=seed,
                                       state_path=ctx.state_dir / f"retrain_{tag}.pt", desc=f"retrain {tag}",
-                                      progress=ctx.progress, log_path=ctx.run_dir / "log.csv", fingerprint=fp)
+                                      progress=ctx.progress, log_path=ctx.run_dir / "log.csv", fingerprint=fp,
+                                      loop_options=ctx.loop_options())
         meta = {"forgotten_class": exclude[0]} if len(exclude) == 1 else {"forgotten_classes": exclude}
         stage = stage_record(res, sched)
         save_model(model, path, **meta, best_val_acc=res.best_score, seconds=res.seconds, fingerprint=fp,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +78,11 @@ def _shift_for(recipe: ClassifierRecipe, small: bool) -> float:
 def train_classifier(model: nn.Module, model_name: str, train_ds, val_ds, recipe: ClassifierRecipe, *,
                      hflip_default: bool, device: torch.device, seed: int, state_path: Path, desc: str,
                      progress: bool = True, log_path: Path | None = None,
-                     fingerprint: str | None = None) -> tuple[LoopResult, Schedule]:
+                     fingerprint: str | None = None,
+                     loop_options: dict[str, Any] | None = None) -> tuple[LoopResult, Schedule]:
     """Train ``model`` on ``train_ds``, early-stopped on ``val_ds`` accuracy; returns the loop result and
-    the fitted schedule (its ``notes`` say what was adapted)."""
+    the fitted schedule (its ``notes`` say what was adapted). ``loop_options``: extra ``LoopConfig``
+    fields, the run options (``RunContext.loop_options()``)."""
     lr = recipe.lr if recipe.lr is not None else (1e-4 if model_family(model_name) == "vit" else 1e-3)
     small = _small_set(train_ds)
     min_steps = recipe.min_steps if recipe.min_steps is not None else (1000 if small else 150)
@@ -107,7 +110,8 @@ def train_classifier(model: nn.Module, model_name: str, train_ds, val_ds, recipe
         return accuracy(model, val_ds, device)
 
     cfg = LoopConfig(batch_size=sched.batch_size, max_epochs=sched.epochs, patience=recipe.patience,
-                     min_steps=sched.min_steps, mode="max", seed=seed, progress=progress, desc=desc)
+                     min_steps=sched.min_steps, mode="max", seed=seed, progress=progress, desc=desc,
+                     **(loop_options or {}))
     res = fit(params_owner=model, trainable=params, optimizer=opt, dataset=train_ds, cfg=cfg, loss_fn=loss_fn,
               val_fn=val_fn if len(val_ds) else None, state_path=state_path, generators={"aug": gen}, device=device,
               log_path=log_path, fingerprint=fingerprint)

@@ -16,8 +16,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from unlearn_fast.data.pipeline import eval_loader
 from unlearn_fast.evaluation.accuracy import predict_logits
 from unlearn_fast.evaluation.unlearn_eval import h_mean as hmean  # noqa: F401  (re-exported)
 from unlearn_fast.methods.base import Method, MethodOutput, RunContext, artefact_meta
@@ -210,7 +211,7 @@ class UnlearningMethod(Method):
             return float("nan")
         cka = LinearCKA(model, u.original, [penultimate_layer(model)])
         try:
-            res = cka.run(DataLoader(fset, batch_size=512, shuffle=False), u.device, progress=False)
+            res = cka.run(eval_loader(fset, 512), u.device, progress=False)
         finally:
             cka.remove_hooks()
         return float(res["cka"][0])
@@ -263,7 +264,8 @@ class UnlearningMethod(Method):
                              min_steps_per_epoch=1)
         cfg = LoopConfig(batch_size=bs, max_epochs=sched.epochs, max_steps=hp.max_steps,
                          evals_per_epoch=hp.evals_per_epoch, eval_every=hp.eval_every, patience=hp.patience,
-                         min_steps=sched.min_steps, restore_best=sel, mode="max", seed=u.run.seed, amp=hp.amp,
+                         min_steps=sched.min_steps, restore_best=sel, mode="max", seed=u.run.seed,
+                         **u.run.loop_options(amp=hp.amp),
                          progress=u.run.progress, desc=self.name if name == self.name else f"{self.name} {name}")
         if owner is not None and not isinstance(owner, nn.Module):
             owner = nn.ModuleList(list(owner))

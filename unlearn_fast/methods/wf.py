@@ -47,8 +47,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
+from unlearn_fast import distributed as ddp
+from unlearn_fast.data.pipeline import eval_loader
 from unlearn_fast.methods.base import Method, MethodOutput, RunContext, artefact_meta
 from unlearn_fast.methods.loop import LoopConfig, fit
 from unlearn_fast.methods.original import stage_record
@@ -118,7 +120,8 @@ def gate_regularizer(layers: Sequence[tuple[str, _WFLayer]], form: str = "layer_
 
 def wf_loss(wf: WFModel, x: torch.Tensor, y: torch.Tensor, chi: int, lambdas: tuple[float, float, float],
             gen: torch.Generator, *, forget_frac: float = 0.5, forget_stop: float | None = None,
-            reg: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+            reg: Callable[[], torch.Tensor] | None = None,
+            part: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """WF Alg. 2 on one micro-batch ``x [B,...]``, ``y [B]``: returns (L, parts).
 
     The first ``round(forget_frac * B)`` samples unlearn on their own gate row (paper: half), the rest
@@ -126,7 +129,14 @@ def wf_loss(wf: WFModel, x: torch.Tensor, y: torch.Tensor, chi: int, lambdas: tu
     sample whose class is already forgotten on its row - predicted wrong and true-class probability below
     ``forget_stop / N`` (``1.0``: below chance) - leaves S_u, and the forget term is scaled by the fraction
     of samples still active, so it vanishes once every class in the batch is forgotten while the retain
-    and regulariser terms keep working. ``reg``: the regulariser (default: ``wf.regularizer()``)."""
+    and regulariser terms keep working. ``reg``: the regulariser (default: ``wf.regularizer()``).
+
+    ``part = (start, stop, n)`` (``fit()``'s ``step_ctx["slice"]``): in a process group, ``x`` / ``y``
+    (None when empty) are rows ``[start, stop)`` of a global micro-batch of ``n`` rows and the loss is
+    :func:`_wf_loss_part`'s surrogate, whose gradients summed over the ranks (each scaled by its share
+    ``(stop - start) / n``) are the 1-process gradient. Ignored in 1 process (the code below, unchanged)."""
+    if part is not None and ddp.is_distributed():
+        return _wf_loss_part(wf, x, y, chi, lambdas, gen, forget_frac, forget_stop, reg, part)
     n_cls = wf.num_classes
     h = int(round(x.shape[0] * forget_frac))
     h = min(max(h, 1), x.shape[0] - 1)
@@ -159,6 +169,73 @@ def wf_loss(wf: WFModel, x: torch.Tensor, y: torch.Tensor, chi: int, lambdas: tu
     return loss, {"S_u": ce_u.mean().detach(), "S_r": s_r.detach(), "R": reg_v.detach(), "active": active}
 
 
+def _wf_loss_part(wf: WFModel, x: torch.Tensor | None, y: torch.Tensor | None, chi: int,
+                  lambdas: tuple[float, float, float], gen: torch.Generator, forget_frac: float,
+                  forget_stop: float | None, reg: Callable[[], torch.Tensor] | None,
+                  part: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`wf_loss` of one rank's slice ``[lo, hi)`` of a global micro-batch of ``n`` rows, exact.
+
+    Forget vs retain by global index (< h = round(forget_frac n)); the retain shifts are drawn for all
+    n - h global retain rows from ``gen`` (identical on every rank: a shared generator) and sliced. The
+    loss is a function of global sums of per-sample terms, L = l0 C_r / (chi (n - h)) + f(C_u, K) + l2 R
+    (C_r: retain CE sum, C_u: forget CE sum, keep-masked with ``forget_stop``, K: kept count). One SUM
+    all-reduce of the detached local sums gives the global ones; with ``tot(c) = c - c.detach() + C``
+    (value C, gradient dc of this rank's part) the terms below have the global value and gradient
+    f'(C) dc_r, whose sum over ranks is df. Returned: ``D.detach() + (D - D.detach()) / share + l2 R``
+    (D the data terms): value = the 1-process L on every rank; after the loop's share scaling and
+    gradient SUM, sum_r dD_r + (sum_r share_r) l2 dR = dL. Every rank must call this for every
+    micro-batch (empty slice: x None) - ``fit(collective_loss=True)``."""
+    lo, hi, n = part
+    if n < 2:
+        raise ValueError("wf_loss needs at least 2 samples per micro-batch")
+    n_cls = wf.num_classes
+    h = min(max(int(round(n * forget_frac)), 1), n - 1)
+    shifts = torch.randint(1, max(n_cls, 2), (chi, n - h), generator=gen)  # the 1-process draw, every rank
+    reg_v = wf.regularizer() if reg is None else reg()
+    dev = reg_v.device
+    hu = max(0, min(hi, h) - lo)                    # local forget rows: global [lo, lo + hu)
+    r0 = max(lo, h) - h                             # first local retain row's global retain index
+    if hi > lo:
+        x_u, y_u, x_r, y_r = x[:hu], y[:hu], x[hu:], y[hu:]
+        rows_r = (y_r.unsqueeze(0) + shifts[:, r0:r0 + y_r.shape[0]].to(y.device)) % n_cls
+        logits = wf(torch.cat([x_u] + [x_r] * chi), torch.cat([y_u, rows_r.reshape(-1)]))
+        ce_u = F.cross_entropy(logits[:hu], y_u, reduction="none")
+        c_r = F.cross_entropy(logits[hu:], y_r.repeat(chi), reduction="sum")
+        with torch.no_grad():
+            lu = logits[:hu].detach()
+            if forget_stop is None:
+                keep = torch.ones_like(ce_u)
+            else:
+                p_true = torch.softmax(lu.float(), 1).gather(1, y_u[:, None]).squeeze(1)
+                keep = (~((lu.argmax(1) != y_u) & (p_true < forget_stop / n_cls))).float()
+    else:
+        ce_u = keep = torch.zeros(0, device=dev)
+        c_r = torch.zeros((), device=dev)
+    c_u, c_k = ce_u.sum(), (ce_u * keep).sum()
+    g_u, g_k, g_keep, g_r = ddp.sum_across_ranks(
+        torch.stack([c_u.detach(), c_k.detach(), keep.sum(), c_r.detach()]).double().cpu().tolist())
+
+    def tot(c: torch.Tensor, glob: float) -> torch.Tensor:
+        return c - c.detach() + glob
+
+    l0, l1, l2 = lambdas
+    s_r = tot(c_r, g_r) / (chi * (n - h))
+    if forget_stop is None:
+        forget_term = l1 / (tot(c_u, g_u) / h)
+        active = torch.ones((), device=dev)
+    else:
+        active = torch.tensor(g_keep / h, dtype=torch.float32, device=dev)
+        s_u = tot(c_k, g_k) / max(g_keep, 1.0)
+        forget_term = l1 * active / s_u.clamp_min(1e-6) if g_keep > 0 else s_u * 0.0
+    data = l0 * s_r + forget_term
+    share = (hi - lo) / n
+    if share > 0:
+        loss = data.detach() + (data - data.detach()) / share + l2 * reg_v
+    else:  # not backpropagated (fit() skips share 0); the value only
+        loss = data.detach() + l2 * reg_v.detach()
+    return loss, {"S_u": torch.tensor(g_u / h, device=dev), "S_r": s_r.detach(), "R": reg_v.detach(), "active": active}
+
+
 @torch.no_grad()
 def gate_selection_score(wf: WFModel, dataset, device: torch.device, rows_per_image: int = 8, seed: int = 0,
                          batch_size: int = 512) -> tuple[float, list[float], list[float]]:
@@ -175,7 +252,7 @@ def gate_selection_score(wf: WFModel, dataset, device: torch.device, rows_per_im
     tot = torch.zeros(2, n, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     img_bs = max(1, batch_size // (k + 1))
-    for x, y in DataLoader(dataset, batch_size=img_bs, shuffle=False):
+    for x, y in eval_loader(dataset, img_bs):  # workers for lazily decoded data (data.pipeline)
         b = y.shape[0]
         other = torch.rand(b, n - 1, generator=g).argsort(1)[:, :k] + 1   # distinct shifts in 1..n-1
         rows = torch.cat([y[:, None], (y[:, None] + other) % n], 1)         # [b, k+1]
@@ -310,16 +387,16 @@ class WF(Method):
         def reg() -> torch.Tensor:
             return gate_regularizer(layers, hp.reg_form, hp.reg_layer_weights, hp.gate_bias)
 
-        def loss_fn(batch, _):
-            x, y = batch
+        def loss_fn(batch, step_ctx):
+            x, y = batch if batch is not None else (None, None)  # None: this rank's slice is empty
             return wf_loss(wf, x, y, hp.chi, lambdas, gen, forget_frac=hp.forget_frac, forget_stop=hp.forget_stop,
-                           reg=reg)[0]
+                           reg=reg, part=step_ctx.get("slice"))[0]
 
         def val_loss() -> float:
             g = torch.Generator().manual_seed(ctx.seed + 97)
             tot, n = 0.0, 0
             with torch.no_grad():
-                for x, y in DataLoader(stop_ds, batch_size=hp.val_batch_size, shuffle=False):
+                for x, y in eval_loader(stop_ds, hp.val_batch_size):
                     if x.shape[0] < 2:
                         continue
                     x, y = x.to(ctx.device), y.to(ctx.device)
@@ -346,11 +423,13 @@ class WF(Method):
         cfg = LoopConfig(batch_size=sched.batch_size, grad_accum=sched.grad_accum, max_epochs=sched.epochs,
                          max_steps=hp.max_steps, evals_per_epoch=hp.evals_per_epoch, patience=hp.patience,
                          min_steps=sched.min_steps, mode="min" if by_loss else "max", seed=ctx.seed,
-                         drop_last=len(untrain_ds) > sched.batch_size, progress=ctx.progress, desc="wf untrain")
+                         drop_last=len(untrain_ds) > sched.batch_size, progress=ctx.progress, desc="wf untrain",
+                         **ctx.loop_options())
         res = fit(params_owner=wf.alpha_state_dict, trainable=params, optimizer=opt, dataset=untrain_ds, cfg=cfg,
                   loss_fn=loss_fn, val_fn=val_loss if by_loss else val_score, state_path=ctx.state_dir / "wf.pt",
                   generators={"labels": gen}, after_step=clip, device=ctx.device,
-                  log_path=ctx.run_dir / "log.csv", load_best=load_best, fingerprint=fp)
+                  log_path=ctx.run_dir / "log.csv", load_best=load_best, fingerprint=fp,
+                  shared_generators=("labels",), collective_loss=True)
         stage = {**stage_record(res, sched), "grad_accum": sched.grad_accum}
         stages = {"wf untrain": stage}
         seconds = res.seconds
@@ -381,10 +460,11 @@ class WF(Method):
         gen = torch.Generator().manual_seed(ctx.seed + 43)
         stop = hp.forget_stop if hp.forget_stop is not None else 1.0
 
-        def loss_fn(batch, _):
-            x, y = batch
+        def loss_fn(batch, step_ctx):
+            x, y = batch if batch is not None else (None, None)  # None: this rank's slice is empty
             return wf_loss(wf, x, y, hp.chi, (lambdas[0], lambdas[1], 0.0), gen, forget_frac=hp.forget_frac,
-                           forget_stop=stop, reg=lambda: torch.zeros((), device=x.device))[0]
+                           forget_stop=stop, reg=lambda: torch.zeros((), device=ctx.device),
+                           part=step_ctx.get("slice"))[0]
 
         def only_open() -> None:
             with torch.no_grad():
@@ -396,11 +476,13 @@ class WF(Method):
         cfg = LoopConfig(batch_size=sched.batch_size, grad_accum=sched.grad_accum,
                          max_epochs=hp.polish_steps // per_epoch + 2, max_steps=hp.polish_steps,
                          eval_every=max(1, hp.polish_steps // 4), patience=None, mode="max", seed=ctx.seed + 1,
-                         drop_last=len(untrain_ds) > sched.batch_size, progress=ctx.progress, desc="wf polish")
+                         drop_last=len(untrain_ds) > sched.batch_size, progress=ctx.progress, desc="wf polish",
+                         **ctx.loop_options())
         res = fit(params_owner=wf.alpha_state_dict, trainable=params, optimizer=opt, dataset=untrain_ds, cfg=cfg,
                   loss_fn=loss_fn, val_fn=val_score, state_path=ctx.state_dir / "wf_polish.pt",
                   generators={"labels": gen}, after_step=only_open, device=ctx.device,
-                  log_path=ctx.run_dir / "log.csv", load_best=load_best, fingerprint=fp + ":polish")
+                  log_path=ctx.run_dir / "log.csv", load_best=load_best, fingerprint=fp + ":polish",
+                  shared_generators=("labels",), collective_loss=True)
         kept = res.best_score > start_score
         if not kept:
             load_best(start_state)

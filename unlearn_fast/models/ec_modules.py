@@ -18,6 +18,11 @@ vit_*          blocks.<d/4-1>, <d/2-1>, <3d/4-1>    input of ``head``           
 small_cnn      block1, block2 (NCHW; N = 3)         input of ``fc``              none (block3 is one layer)
 =============  ===================================  ===========================  ======================
 
+Any other backbone (``timm:<name>`` / ``tv:<name>``, or a model created with ``feature_layers=``) gets its points
+by rule from :func:`unlearn_fast.models.stages.stage_info` - timm ``feature_info``, else the last module of each
+spatial resolution (a dry forward with hooks), else four even cuts of its transformer blocks - each point in
+its own layout, the classifier found by the same rule as the head (``extra_points`` is not available there).
+
 ViT has one resolution and width throughout, so it is cut into four virtual stages of d/4 blocks;
 its patch tokens (prefix/class tokens dropped) are reshaped to the ``[B, D, gh, gw]`` grid and every
 block keeps D channels. ``small_cnn`` (three conv blocks) is the CPU analogue with N = 3: two CDS
@@ -215,6 +220,8 @@ class ECNet(nn.Module):
 
 # ------------------------------------------------------------------------------------ layouts
 def supported_models() -> tuple[str, ...]:
+    """Names with a table entry; ``timm:``/``tv:`` models and any model created with ``feature_layers=``
+    get their points by rule (:func:`_generic_points`)."""
     return ("small_cnn", "resnet18", "resnet50", "swin_tiny", "vit_tiny", "vit_small")
 
 
@@ -222,6 +229,8 @@ def _arch(model: nn.Module, name: str | None) -> str:
     name = name or getattr(model, "unlearn_fast_name", None)
     if name is None:
         raise ValueError("EC modules: pass name= (the model was not made by unlearn_fast.models.create)")
+    if ":" in name or (getattr(model, "unlearn_fast_config", None) or {}).get("feature_layers"):
+        return "generic"  # timm:/tv: names and explicit feature_layers: stages by rule (models.stages)
     if name.startswith("resnet"):
         return "resnet"
     if name.startswith("swin"):
@@ -274,6 +283,8 @@ def ec_points(model: nn.Module, name: str | None = None, *, extra_points: int = 
     Channels are read from one no-grad forward of a ``[1, in_chans, img_size, img_size]`` zero image
     (defaults from ``model.unlearn_fast_config``)."""
     arch = _arch(model, name)
+    if arch == "generic":
+        return _generic_points(model, extra_points, with_blocks, in_chans, img_size)
     stages, extras, head, layout = _stages(model, arch)
     if not 0 <= extra_points <= len(extras):
         raise ValueError(f"extra_points must be in [0, {len(extras)}] for this model (blocks of its last stage "
@@ -299,6 +310,34 @@ def ec_points(model: nn.Module, name: str | None = None, *, extra_points: int = 
     for e in extra:
         pts.append(ECPoint(e, layout, (shapes[e][ch_axis],), grid, prefix or 0))
     return pts, head
+
+
+_CH_AXIS = {"nchw": 1, "nhwc": 3, "tokens": 2}
+
+
+def _generic_points(model: nn.Module, extra_points: int, with_blocks: bool, in_chans: int | None,
+                    img_size: int | None) -> tuple[list[ECPoint], str]:
+    """EC points of a backbone without a table entry: its stages by rule (:func:`models.stages.stage_info`:
+    timm ``feature_info``, spatial-resolution changes, or four even transformer-block cuts) or the model's
+    ``feature_layers``; each point keeps its own layout; the classifier found by the rule is the head."""
+    from unlearn_fast.models.stages import stage_info
+
+    if extra_points:
+        raise ValueError("extra_points needs a model with a table entry (resnet*/swin*/vit*); for other models "
+                         "list the points with feature_layers=")
+    info = stage_info(model, in_chans, img_size)
+    bad = [s for s in info.stages if info.layouts[s] not in _CH_AXIS]
+    if bad or len(info.stages) < 2:
+        raise ValueError(f"EC modules need >= 2 stage outputs shaped [B,C,H,W], [B,H,W,C] or [B,T,D]; got "
+                         f"{ {s: info.shapes[s] for s in info.stages} }; pass feature_layers='a,b,c'")
+    chans = [info.shapes[s][_CH_AXIS[info.layouts[s]]] for s in info.stages]
+    pts = []
+    for k in range(len(info.stages) - 1):
+        lay = info.layouts[info.stages[k]]
+        path = (chans[k], *chans[k + 1:]) if with_blocks else (chans[k],)
+        grid = info.grid if lay == "tokens" else None
+        pts.append(ECPoint(info.stages[k], lay, tuple(path), grid, info.prefix_tokens if lay == "tokens" else 0))
+    return pts, info.classifier
 
 
 def build_ec_modules(model: nn.Module, name: str | None = None, *, extra_points: int = 0, with_blocks: bool = True,

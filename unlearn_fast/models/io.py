@@ -12,8 +12,15 @@ __all__ = ["save_model", "load_model", "save_tensors", "load_tensors", "read_met
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write a ``.safetensors`` file (temporary name, then rename); rank 0 alone in a process group."""
     from safetensors.torch import save_file
 
+    from unlearn_fast.distributed import main_rank_only
+
+    main_rank_only(_save_file)(save_file, tensors, path, metadata)
+
+
+def _save_file(save_file, tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

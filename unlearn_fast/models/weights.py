@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -16,8 +17,15 @@ import torch
 import torch.nn as nn
 
 SUFFIXES = (".pt", ".pth", ".safetensors")
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net")  # checkpoint dicts holding a state dict
+_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "net.")
+
+
+class WeightsFileNotFoundError(FileNotFoundError, ValueError):
+    """A ``weights=`` file that does not exist (both a FileNotFoundError and a ValueError)."""
 _META_KEY = "unlearn_fast_config"
 _SHOW = 5  # how many offending keys an error lists per kind
+_SAID: set = set()  # head / stem notes already printed
 
 
 def _suffix(path: Path) -> str:
@@ -54,7 +62,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
     path = Path(path)
     suffix = _suffix(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {str(path)!r}")
+        raise WeightsFileNotFoundError(f"weights file not found: {str(path)!r}; give a local .pt/.pth/.safetensors file")
     saved_config = None
     try:
         if suffix == ".safetensors":
@@ -78,7 +86,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
             f"({type(exc).__name__}: {exc}); re-save it with unlearn_fast.models.save_weights"
         ) from exc
     if isinstance(state, Mapping):
-        for wrapper in ("state_dict", "model"):
+        for wrapper in _WRAPPERS:
             inner = state.get(wrapper)
             if isinstance(inner, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
                 state = inner
@@ -96,16 +104,76 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], O
     return state, saved_config
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, config: Optional[dict] = None) -> nn.Module:
+def normalize_keys(state: dict[str, torch.Tensor], own_keys) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes (``module.`` DDP, ``_orig_mod.`` torch.compile, ``model.`` / ``backbone.`` /
+    ``net.`` training wrappers) while every key carries one and the model's own keys do not."""
+    own_keys = list(own_keys)
+    changed = True
+    while changed and state:
+        changed = False
+        for p in _PREFIXES:
+            if all(k.startswith(p) for k in state) and not all(k.startswith(p) for k in own_keys):
+                state = {k[len(p):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def classifier_name(model: nn.Module) -> Optional[str]:
+    """Dotted name of timm's ``get_classifier()`` module, or None (``create`` passes the head itself: the last
+    name of ``models.feature_layers``)."""
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        return next((n for n, m in model.named_modules() if m is head and n), None)
+    return None
+
+
+def _adapt_stem(file_w: torch.Tensor, own_shape: tuple) -> Optional[torch.Tensor]:
+    """RGB stem conv weights -> ``in_chans`` input channels (timm's rule: sum for 1 channel, else repeat the
+    RGB filters and rescale by 3 / in_chans), or None when the shapes differ otherwise."""
+    if file_w.dim() != 4 or len(own_shape) != 4 or file_w.shape[1] != 3 or \
+            (file_w.shape[0], *file_w.shape[2:]) != (own_shape[0], *own_shape[2:]):
+        return None
+    c = own_shape[1]
+    if c == 1:
+        return file_w.sum(dim=1, keepdim=True)
+    reps = -(-c // 3)
+    return file_w.repeat(1, reps, 1, 1)[:, :c] * (3 / float(c))
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, config: Optional[dict] = None,
+                 resize_head: bool = False, head: Optional[str] = None) -> nn.Module:
     """Strictly load the state dict in ``path`` into ``model`` (in place; returns it).
 
-    Raises FileNotFoundError for a missing file and ValueError for an unreadable file or a state dict
-    whose keys / shapes do not match, listing the first offending keys and the expected config.
+    Key prefixes of wrappers (``module.``, ``_orig_mod.``, ``model.``, ...) and checkpoint nesting
+    (``{"state_dict": ...}``, ``{"model": ...}``) are removed first. ``resize_head=True``: the classifier's
+    tensors (``head``, default :func:`classifier_name`) are dropped when their shape differs (the model keeps its fresh head,
+    e.g. ImageNet weights for 10 classes), a 3-channel stem conv is adapted to the model's input channels,
+    and one line on stderr says so. Raises FileNotFoundError (also a ValueError) for a missing file and
+    ValueError for an unreadable file or a state dict whose other keys / shapes do not match, listing the
+    first offending keys and the expected config.
     """
     config = config if config is not None else getattr(model, "unlearn_fast_config", None)
     state, saved_config = read_state_dict(path)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    state = normalize_keys(state, own)
+    notes: list[str] = []
+    drop: list[str] = []
+    if resize_head:
+        head = head or classifier_name(model)
+        drop = [k for k in (f"{head}.weight", f"{head}.bias") if head and k in state and k in own
+                and tuple(state[k].shape) != tuple(own[k].shape)]
+        if drop:
+            notes.append(f"classifier {head} {tuple(state[drop[0]].shape)} -> {tuple(own[drop[0]].shape)} "
+                         "not loaded (fresh head: train it)")
+            state = {k: v for k, v in state.items() if k not in drop}
+        for k, v in list(state.items()):
+            if k in own and tuple(v.shape) != tuple(own[k].shape):
+                adapted = _adapt_stem(v, tuple(own[k].shape))
+                if adapted is not None:
+                    state[k] = adapted.to(v.dtype)
+                    notes.append(f"stem {k} adapted from 3 to {own[k].shape[1]} input channels")
+    missing = [k for k in own if k not in state and k not in drop]
     unexpected = [k for k in state if k not in own]
     mismatched = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -124,5 +192,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike, config: Optional[dic
             f"weights file {str(path)!r} does not match {expected}: " + "; ".join(parts) + saved
             + ". Create the model with the same name / num_classes / in_chans / img_size / kwargs as when it was saved."
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({**{k: own[k] for k in drop}, **state}, strict=True)
+    line = f"weights {os.fspath(path)}: " + "; ".join(notes)
+    if notes and line not in _SAID:  # once per process: every model of a run loads the same file
+        _SAID.add(line)
+        print(line, file=sys.stderr)
+    model.unlearn_fast_weights_notes = notes
     return model

@@ -16,7 +16,8 @@ def save_wf(wf: WFModel, path: str | os.PathLike, **extra) -> None:
 
     sd = wf.alpha_state_dict()
     save_tensors(sd, path, {"num_classes": wf.num_classes, "alpha_init": wf.alpha_init, "gate_scale": wf.gate_scale,
-                            "digest": tensors_digest(sd), **extra})
+                            "gated_layers": list(getattr(wf, "gated_layers", [])), "digest": tensors_digest(sd),
+                            **extra})
 
 
 def load_wf(path: str | os.PathLike, original: str | os.PathLike | torch.nn.Module,

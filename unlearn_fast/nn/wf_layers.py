@@ -7,6 +7,8 @@ its original module untouched (the original model bit for bit).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -24,9 +26,27 @@ class GateContext:
         self.scale: float = 1.0
 
 
+_SCALED: dict[int, tuple] = {}  # id(frozen tensor) -> (weakref, version, s, s * tensor)
+
+
 def _scaled(t: Tensor | None, s: float) -> Tensor | None:
-    """``s * t`` for the gated path (``s * g * (W x) + s * gb * b == g * (sW x) + gb * (s b)``)."""
-    return t if t is None or s == 1.0 else t * s
+    """``s * t`` for the gated path (``s * g * (W x) + s * gb * b == g * (sW x) + gb * (s b)``).
+
+    A frozen tensor is scaled once per (tensor, version, s) and the product reused: the fused conv path
+    packs a weight once per tensor version, so a new product at every forward would repack every step."""
+    if t is None or s == 1.0:
+        return t
+    if t.requires_grad or torch.is_inference_mode_enabled():
+        return t * s
+    key = id(t)
+    hit = _SCALED.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == s:
+        return hit[3]
+    if hit is None or hit[0]() is not t:
+        weakref.finalize(t, _SCALED.pop, key, None)  # the entry goes with the tensor
+    out = (t * s).detach()
+    _SCALED[key] = (weakref.ref(t), t._version, s, out)
+    return out
 
 
 class _WFLayer(nn.Module):

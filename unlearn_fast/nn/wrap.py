@@ -1,8 +1,10 @@
 """Wrap a classifier into a WF-Net (WF-Net Sec. 3.3) and export forgotten models from it.
 
-* :func:`wrap` gates every ``nn.Conv2d`` of a CNN (kernel and bias); in a ViT/Swin (a model with
-  attention ``qkv`` projections) it gates only the ``qkv`` layers, as WF-Net Sec. 3.3 does - the patch
-  embedding conv too only with ``gate_patch_embed=True``.
+* :func:`wrap` gates every ``nn.Conv2d`` of a CNN (kernel and bias; grouped / depthwise too); in a
+  transformer (a model with attention input projections: ``qkv`` Linears of timm ViT / DeiT / BEiT / Swin and
+  torchvision Swin, torchvision's ``nn.MultiheadAttention``) it gates only those, as WF-Net Sec. 3.3 does -
+  the patch embedding conv too only with ``gate_patch_embed=True``. The rule is :func:`gate_plan`;
+  ``WFModel.gated_layers`` lists what was gated.
 * :func:`bake` returns a plain model (same class as the original) whose weights carry one class's
   gate: ``W <- g ⊙ W``, ``b <- gb ⊙ b`` per output channel. It equals ``WFModel(x, c)`` exactly in
   exact arithmetic; it is the deployable artefact and what representation metrics must be run on.
@@ -19,27 +21,90 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from unlearn_fast.nn.wf_attention import WFFunctionalQKV, WFMultiheadAttention
 from unlearn_fast.nn.wf_layers import GateContext, WFConv2d, WFLinear, _WFLayer
 from unlearn_fast.ops.wf_gate import check_labels
 
-__all__ = ["WFModel", "wrap", "bake", "compose", "is_gated_linear", "gate_targets"]
+__all__ = ["WFModel", "wrap", "bake", "compose", "is_gated_linear", "gate_targets", "gate_plan", "attention_targets",
+           "gate_summary"]
 
 
 def is_gated_linear(name: str, module: nn.Module) -> bool:
-    """The linear layers WF gates: attention ``qkv`` projections (timm ViT / Swin naming)."""
+    """The linear layers WF gates: attention ``qkv`` projections (timm ViT / Swin / DeiT / BEiT, torchvision Swin)."""
     return isinstance(module, nn.Linear) and name.split(".")[-1] == "qkv"
 
 
+def _reads_qkv_weight(parent: nn.Module, child: str) -> bool:
+    """True when ``parent.forward`` reads ``self.<child>.weight`` (calls ``F.linear`` itself) - torchvision
+    Swin's attention, timm BEiT's - so the Linear module's own forward may never run."""
+    import inspect
+
+    try:
+        src = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return False
+    return f"self.{child}.weight" in src
+
+
+def _plain_conv(m: nn.Module) -> str | None:
+    """None when ``m`` is an ``nn.Conv2d`` WF can gate exactly (its forward is nn.Conv2d's: grouped and
+    depthwise convs included), else why not."""
+    if type(m).forward is not nn.Conv2d.forward or type(m)._conv_forward is not nn.Conv2d._conv_forward:
+        return f"{type(m).__name__} overrides the conv forward (e.g. weight standardisation / dynamic padding)"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} (only 'zeros' is gated)"
+    return None
+
+
+def attention_targets(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(reported name, kind, module to replace)`` of every attention input projection WF gates:
+    ``"linear"`` a ``qkv`` nn.Linear called as a module (or the ``linear`` of a ``qkv`` Linear+norm block,
+    LeViT); ``"functional"`` a ``qkv`` whose parent calls
+    ``F.linear(x, self.qkv.weight, ...)`` (the parent is replaced); ``"mha"`` an ``nn.MultiheadAttention``
+    (its packed in-projection; reported as ``<name>.in_proj``)."""
+    out = []
+    mods = dict(model.named_modules())
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            out.append((f"{name}.in_proj" if name else "in_proj", "mha", m))
+        elif name.split(".")[-1] == "qkv" and not isinstance(m, nn.Linear) and \
+                isinstance(getattr(m, "linear", None), nn.Linear):
+            out.append((f"{name}.linear", "linear", m.linear))  # LeViT: qkv = Linear + BatchNorm
+        elif is_gated_linear(name, m):
+            parent_name, _, child = name.rpartition(".")
+            parent = mods[parent_name] if parent_name else model
+            if _reads_qkv_weight(parent, child):
+                out.append((name, "functional", parent))
+            else:
+                out.append((name, "linear", m))
+    return out
+
+
+def gate_plan(model: nn.Module, gate_patch_embed: bool = False) -> tuple[list[tuple[str, str, nn.Module]], dict[str, str]]:
+    """What :func:`wrap` gates, by rule (WF-Net Sec. 3.3): ``([(reported name, kind, module)], {skipped: why})``.
+
+    A model with attention (``attention_targets``) gets its attention input projections; every other model
+    every ``nn.Conv2d`` (grouped / depthwise too); ``gate_patch_embed=True`` adds the convs of an attention
+    model (its patch embedding). Conv subclasses that change the conv's forward are skipped and listed."""
+    attn = attention_targets(model)
+    skipped: dict[str, str] = {}
+    convs = []
+    if not attn or gate_patch_embed:
+        for n, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                why = _plain_conv(m)
+                if why:
+                    skipped[n] = why
+                else:
+                    convs.append((n, "conv", m))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    key = lambda t: order.get(t[0].rsplit(".", 1)[0] if t[1] == "mha" else t[0], 0)  # noqa: E731
+    return sorted(attn + convs, key=key), skipped
+
+
 def gate_targets(model: nn.Module, gate_patch_embed: bool = False) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the layers WF gates (WF-Net Sec. 3.3): every ``nn.Conv2d`` of a CNN; in a
-    transformer (any attention ``qkv`` ``nn.Linear``) the ``qkv`` projections, plus the convs only if
-    ``gate_patch_embed`` (timm's patch embedding is the transformer's one conv)."""
-    qkv = [(n, m) for n, m in model.named_modules() if is_gated_linear(n, m)]
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if qkv and not gate_patch_embed:
-        return qkv
-    keep = {id(m) for _, m in qkv + convs}
-    return [(n, m) for n, m in model.named_modules() if id(m) in keep]
+    """``(name, module)`` of the layers WF gates (see :func:`gate_plan`); names as reported by ``wrap``."""
+    return [(n, m) for n, _, m in gate_plan(model, gate_patch_embed)[0]]
 
 
 class WFModel(nn.Module):
@@ -66,15 +131,28 @@ class WFModel(nn.Module):
             # ReLU(inplace=True)) would overwrite it. Same values, one more activation buffer.
             if isinstance(getattr(m, "inplace", None), bool):
                 m.inplace = False
-        targets = gate_targets(model, gate_patch_embed)
+        targets, skipped = gate_plan(model, gate_patch_embed)
         if not targets:
-            raise ValueError("wrap(): the model has no nn.Conv2d and no attention qkv nn.Linear to gate")
-        for name, m in targets:
-            layer = (WFConv2d(m, num_classes, self._ctx, alpha_init) if isinstance(m, nn.Conv2d)
-                     else WFLinear(m, num_classes, self._ctx, alpha_init))
-            _set_submodule(model, name, layer)
+            why = f"; skipped: {skipped}" if skipped else ""
+            raise ValueError("wrap(): the model has no nn.Conv2d and no attention input projection (qkv nn.Linear, "
+                             f"nn.MultiheadAttention) to gate{why}")
+        for name, kind, m in targets:
+            if kind == "conv":
+                _set_submodule(model, name, WFConv2d(m, num_classes, self._ctx, alpha_init))
+            elif kind == "linear":
+                _set_submodule(model, name, WFLinear(m, num_classes, self._ctx, alpha_init))
+            elif kind == "mha":
+                _set_submodule(model, name.rsplit(".", 1)[0] if "." in name else "",
+                               WFMultiheadAttention(m, num_classes, self._ctx, alpha_init))
+            else:  # functional: the attention module holding qkv is replaced
+                parent, _, child = name.rpartition(".")
+                _set_submodule(model, parent, WFFunctionalQKV(m, num_classes, self._ctx, alpha_init, qkv=child))
         self.model = model
         self.model.eval()
+        #: names of the gated layers (``...conv``, ``...attn.qkv``, ``...self_attention.in_proj``), forward order
+        self.gated_layers: list[str] = [n for n, _, _ in targets]
+        #: convs left ungated, with the reason
+        self.skipped_layers: dict[str, str] = skipped
 
     @property
     def gate_scale(self) -> float:
@@ -153,11 +231,23 @@ def _prepare_labels(forget_labels, x: Tensor, num_classes: int) -> Tensor:
 
 
 def wrap(model: nn.Module, num_classes: int, alpha_init: float = 3.0, gate_patch_embed: bool = False) -> WFModel:
-    """Gate ``model`` (modified in place): every Conv2d of a CNN; only the attention ``qkv`` Linears of
-    a ViT/Swin (WF-Net Sec. 3.3), and its patch-embedding conv too with ``gate_patch_embed=True``."""
+    """Gate ``model`` (modified in place) by rule (:func:`gate_plan`): every Conv2d of a CNN; only the attention
+    input projections of a transformer (timm ``qkv`` Linears, torchvision ``nn.MultiheadAttention`` / Swin
+    ``qkv``; WF-Net Sec. 3.3), and its convs (patch embedding) too with ``gate_patch_embed=True``.
+    ``wrap(...).gated_layers`` lists the gated layers, ``.skipped_layers`` the convs left out and why."""
     if isinstance(model, WFModel):
         raise ValueError("wrap(): the model is already a WFModel")
     return WFModel(model, num_classes, alpha_init, gate_patch_embed)
+
+
+def gate_summary(wf: WFModel, show: int = 6) -> str:
+    """One line: ``gated N layers: a, b, ..., z`` (+ skipped convs) for logs and reports."""
+    names = wf.gated_layers
+    shown = names if len(names) <= show else [*names[: show // 2], "...", *names[-(show // 2):]]
+    line = f"gated {len(names)} layers: {', '.join(shown)}"
+    if wf.skipped_layers:
+        line += f"; skipped {len(wf.skipped_layers)}: {', '.join(list(wf.skipped_layers)[:3])}"
+    return line
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -194,10 +284,10 @@ def _bake_rows(wf: WFModel, classes: Sequence[int]) -> nn.Module:
             continue
         gw, gb = _composed_gates(layer, classes)
         inner = layer.inner
-        w = inner.weight
-        inner.weight.copy_(w * gw.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
-        if inner.bias is not None and gb is not None:
-            inner.bias.copy_(inner.bias * gb.to(inner.bias.dtype))
+        w, b = layer.gated_params() if hasattr(layer, "gated_params") else (inner.weight, inner.bias)
+        w.copy_(w * gw.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1))))
+        if b is not None and gb is not None:
+            b.copy_(b * gb.to(b.dtype))
         _set_submodule(plain, name, inner)
     for p in plain.parameters():
         p.requires_grad_(True)

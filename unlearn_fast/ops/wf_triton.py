@@ -1,7 +1,9 @@
 """WF gate on the fused Triton kernels, as ``torch.library`` custom ops with autograd (DESIGN §3, §5).
 
-Conv layers run one of two paths chosen per layer shape (``kernels.conv_dispatch``): the fused
-implicit-GEMM kernels (``kernels.wf_conv``) or cuDNN conv + a fused Triton gate epilogue
+Conv layers run one of two paths chosen per layer shape (``kernels.conv_dispatch``: the committed
+table written by ``bench/conv_table.py`` on a GPU; shapes not in it take ``DEFAULT``, the epilogue path):
+the fused implicit-GEMM kernels (``kernels.wf_conv``: channels-last, weights packed once per version,
+phase-split dgrad with dalpha fused into it) or cuDNN conv + a fused Triton gate epilogue
 (``kernels.wf_epilogue``). ``wf_conv2d_triton`` / ``wf_linear_triton`` take the arguments of :mod:`unlearn_fast.reference.wf_gate`
 and return the same values. Gradients flow to ``x``, ``alpha_w`` and ``alpha_b`` only: WF freezes the
 original layer, so ``weight`` and ``bias`` get no gradient (None) even if they require one; without a bias alpha_b

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
 from unlearn_fast.checkpoint import atomic_save
+from unlearn_fast.data.pipeline import eval_loader
 from unlearn_fast.methods.baselines.rl import RandomLabel
 from unlearn_fast.methods.registry import register_method
 from unlearn_fast.methods.unlearning import UnlearnContext, make_optimizer
@@ -63,7 +62,7 @@ def forget_gradient(model: nn.Module, forget_set, batch_size: int, device: torch
     for p in params.values():
         p.requires_grad_(True)
     try:
-        for x, y in DataLoader(forget_set, batch_size=batch_size, shuffle=False):
+        for x, y in eval_loader(forget_set, batch_size):
             x, y = x.to(device), torch.as_tensor(y).to(device)
             grads = torch.autograd.grad(-F.cross_entropy(model(x), y), list(params.values()), allow_unused=True)
             for n, g in zip(params, grads):
