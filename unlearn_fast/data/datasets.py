@@ -41,7 +41,7 @@ class ImageDataset(Dataset):
         if workers > 0 and len(indices) > batch:
             from torch.utils.data import DataLoader
 
-            yield from DataLoader(_Preprocessed(self, indices), batch_size=batch, shuffle=True, num_workers=workers,
+            yield from DataLoader(_Preprocessed(self, indices), batch_size=batch, shuffle=False, num_workers=workers,
                                   collate_fn=_first)
             return
         for s in range(0, len(indices), batch):

@@ -60,6 +60,7 @@ from unlearn_fast.models import model_family
 from unlearn_fast.models.io import load_model
 from unlearn_fast.nn import WFModel, save_wf, wrap
 from unlearn_fast.nn.wf_layers import _WFLayer
+from unlearn_fast.nn.wrap import gate_summary
 
 __all__ = ["WF", "wf_loss", "gate_selection_score", "gate_regularizer", "gated_layers"]
 
@@ -351,6 +352,8 @@ class WF(Method):
         if hp.gate_norm:
             wf.gate_scale = 1.0 / float(torch.sigmoid(torch.tensor(hp.alpha_init, dtype=torch.float64)))
         layers = gated_layers(wf, hp.gate_layers)
+        ctx.say(gate_summary(wf) + (f" ({len(layers)} of them train: gate_layers={hp.gate_layers!r})"
+                                     if len(layers) != len(wf.gated_layers) else ""))
         params = trainable_alphas(layers, hp.gate_bias)
         with torch.no_grad():  # gates that do not train stay fully open: those layers are the original ones
             ids = {id(p) for p in params}
