@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from unlearn_fast.run_files import RunLock, atomic_write_json, atomic_write_text, fingerprint
-from unlearn_fast.runs import (check_device, default_device, ensure_original, open_run, original_health, plan_run,
-                               read_config, record_time, stage_verdicts)
+from unlearn_fast.runs import (check_device, default_device, ensure_original, model_options, open_run, original_health,
+                               plan_run, read_config, record_time, stage_verdicts)
 
 __all__ = ["train", "evaluate", "compare", "TrainResult", "default_device"]
 
@@ -85,16 +85,9 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
         raise ValueError("forget= has no meaning for method='original'; use it with wf or an unlearning method")
     _check_eval_options(eval_splits, eval_train_max)
     opts = RunOptions.make(workers, channels_last, bf16)
-    mk = dict(model_kwargs or {})
-    if weights is not None:
-        mk["weights"] = str(weights)
-    if feature_layers is not None:
-        from unlearn_fast.models.stages import parse_layer_names
-
-        mk["feature_layers"] = parse_layer_names(feature_layers)
     plan = plan_run(model, data, run_dir, seed=seed, device=device, img_size=img_size, in_chans=in_chans,
                     max_per_class=max_per_class, data_fraction=data_fraction, progress=progress,
-                    workers=opts.workers, model_kwargs=mk or None)
+                    workers=opts.workers, model_kwargs=model_options(weights, feature_layers, model_kwargs))
     ctx, run_dir = plan.ctx, plan.run_dir
     ctx.apply_run_options(opts)
     forget_classes = precheck_forget_request(forget, ctx) if forget is not None else None

@@ -318,7 +318,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from unlearn_fast.evaluation.compare_report import compare_table_markdown
 
     keys = ["run_dir", "device", "model", "data", "seed", "img_size", "in_chans", "forget", "methods", "tsne_method", "threads",
-            "max_per_class", "data_fraction", "representation", "knn_data", "idi", *_RUN_KEYS]
+            "max_per_class", "data_fraction", "representation", "knn_data", "idi", "weights", "feature_layers", *_RUN_KEYS]
     file_cfg = _load_config(getattr(args, "config", None), [*keys, "hparams", "original_hparams"])
     cfg = {**file_cfg, **{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}}
     _set_threads(cfg.get("threads"))
@@ -335,7 +335,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     forget = cfg["forget"]
     forget = ",".join(map(str, forget)) if isinstance(forget, list) else str(forget)
     kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "tsne_method",
-                              "max_per_class", "data_fraction", "representation", "knn_data", *_RUN_KEYS)
+                              "max_per_class", "data_fraction", "representation", "knn_data", "weights",
+                              "feature_layers", *_RUN_KEYS)
           if cfg.get(k) is not None}
     if cfg.get("idi") is not None:
         kw["representation_options"] = {"idi": cfg["idi"]}
@@ -413,21 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(c)
     c.add_argument("--methods", help="comma-separated method names, e.g. ft,ga,scrub,ec (unlearn-fast list)")
     c.add_argument("--forget", help="forget request: 3 | 1,4,7 | random:K | similar:K:DATASET_SPEC")
-    c.add_argument("--model", help="backbone name (unlearn-fast list)")
-    c.add_argument("--data", help="dataset spec: digits | idx:DIR | cifar10:DIR | cifar100:DIR | folder:DIR | faces:DIR")
-    c.add_argument("--seed", type=int)
-    c.add_argument("--img-size", dest="img_size", type=int, help="input size in px (default 32; the small CNN keeps the data's size)")
-    c.add_argument("--in-chans", dest="in_chans", type=int, help="input channels (default: the data's)")
-    c.add_argument("--max-per-class", dest="max_per_class", type=int, help="keep at most N images per class (seeded)")
-    c.add_argument("--data-fraction", dest="data_fraction", type=float, help="keep this fraction of each class (seeded)")
+    _data_opts(c)
     c.add_argument("--tsne-method", dest="tsne_method", help="method shown in the t-SNE figure (default: best H-Mean)")
     c.add_argument("--representation", help="representation metrics for every row: all | a comma list of idi,probe,knn,mia")
     c.add_argument("--knn-data", dest="knn_data", action="append", metavar="SPEC",
                    help="downstream dataset spec for EC's k-NN columns (repeatable; EC uses three)")
     c.add_argument("--idi", help="IDI critic setting: ec (EC App. B.6) | cpu (cheap; the default on CPU)")
     c.add_argument("--set", action="append", metavar="METHOD.KEY=VALUE", help="override a method hyper-parameter (repeatable)")
-    c.add_argument("--original-set", dest="original_set", action="append", metavar="KEY=VALUE",
-                   help="override the original / retrained models' recipe (e.g. max_epochs=20)")
     _run_opts(c)
     c.set_defaults(func=cmd_compare)
     li = sub.add_parser("list", help="methods, models, datasets, extension status; `list METHOD`: its hyper-parameters")

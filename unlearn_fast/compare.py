@@ -125,7 +125,9 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
             data_fraction: float | None = None, representation: Any = None,
             knn_data: str | Sequence[str] | None = None,
             representation_options: dict[str, Any] | None = None, workers: int | None = None,
-            channels_last: bool = False, bf16: bool = False) -> CompareResult:
+            channels_last: bool = False, bf16: bool = False, weights: str | Path | None = None,
+            feature_layers: str | Sequence[str] | None = None,
+            model_kwargs: dict[str, Any] | None = None) -> CompareResult:
     """Run ``methods`` on one original model and one forget request; evaluate, tabulate and plot them.
 
     ``forget``: class list, ``"1,4"``, ``"random:K"`` or ``"similar:K:<dataset spec>"`` (resolved after the
@@ -138,14 +140,15 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     ``evaluation.representation.RepresentationOptions``. ``"wf"`` in ``methods`` untrains WF-Net once (or
     reuses the run's ``wf.safetensors``) and evaluates its gate rows of the forget request baked into a
     plain model (``nn.bake`` / ``nn.compose``). ``workers``, ``channels_last``, ``bf16``: run options
-    (``unlearn_fast.methods.run_options``).
+    (``unlearn_fast.methods.run_options``). ``weights`` / ``feature_layers`` / ``model_kwargs``: the model's
+    local checkpoint, stage layers and builder options, as in :func:`unlearn_fast.train`.
     """
     from unlearn_fast.forget import precheck_forget_request
     from unlearn_fast.methods import create_method
     from unlearn_fast.methods.run_options import RunOptions
     from unlearn_fast.methods.unlearning import UnlearningMethod
     from unlearn_fast.run_files import RunLock
-    from unlearn_fast.runs import open_run, plan_run
+    from unlearn_fast.runs import model_options, open_run, plan_run
 
     # -- validate every input before any training or write -----------------------------------
     methods = list(dict.fromkeys(m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()))
@@ -175,7 +178,7 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     run_opts = RunOptions.make(workers, channels_last, bf16)
     plan = plan_run(model, data, run_dir, seed=seed, device=device, img_size=img_size, in_chans=in_chans,
                     max_per_class=max_per_class, data_fraction=data_fraction, progress=progress,
-                    workers=run_opts.workers)
+                    workers=run_opts.workers, model_kwargs=model_options(weights, feature_layers, model_kwargs))
     run_dir, device, cfg, ctx = plan.run_dir, plan.device, plan.cfg, plan.ctx
     ctx.apply_run_options(run_opts)
     seed = cfg.get("seed", seed)

@@ -90,6 +90,20 @@ class RunPlan:
     data_warnings: list[str] = field(default_factory=list)
 
 
+def model_options(weights: str | Path | None = None, feature_layers: str | Any = None,
+                  model_kwargs: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The model builder options of a run: ``weights`` (a local checkpoint), ``feature_layers`` (``"a,b,c"``
+    or a list) and any other builder kwargs; None when there are none."""
+    mk = dict(model_kwargs or {})
+    if weights is not None:
+        mk["weights"] = str(weights)
+    if feature_layers is not None:
+        from unlearn_fast.models.stages import parse_layer_names
+
+        mk["feature_layers"] = parse_layer_names(feature_layers)
+    return mk or None
+
+
 def plan_run(model: str, data: str, run_dir: str | Path | None, *, seed: int = 0,
              device: str | torch.device | None = None, img_size: int | None = None, in_chans: int | None = None,
              max_per_class: int | None = None, data_fraction: float | None = None, progress: bool = True,
