@@ -71,6 +71,10 @@ LEVERS: dict[str, dict] = {
                           "patience": 10, "lambdas": [1, 3, 1]},
     "unit_gate_xlong_l5": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "max_epochs": 25,
                            "patience": 15, "lambdas": [1, 5, 1]},
+    "unit_gate_long_l2": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "max_epochs": 15,
+                          "patience": 10, "lambdas": [1, 2, 1]},
+    "unit_gate_xlong_l3": {**PAPER, "forget_stop": 1.0, "select": "hmean", "gate_norm": True, "max_epochs": 25,
+                           "patience": 15, "lambdas": [1, 3, 1]},
     "default": {},                                                         # the WF defaults as they stand
 }
 
