@@ -37,7 +37,8 @@ BASE = {"batch_size": 128, "grad_accum": 1, "evals_per_epoch": 2, "patience": 6,
         "fit_to_data": False}
 MAX_EPOCHS = 6
 PAPER = {"alpha_init": 3.0, "alpha_clip": 3.0, "select": "loss", "forget_stop": None, "forget_frac": 0.5, "reg_form": "layer_mean", "gate_layers": "all",
-         "gate_bias": True, "polish_steps": 0, "gate_norm": False, "optimizer": "adam", "lr": 0.1}
+         "gate_bias": True, "polish_steps": 0, "gate_norm": False, "optimizer": "adam", "lr": 0.1,
+         "lambdas": [1, 10, 1]}
 LEVERS: dict[str, dict] = {
     "paper_adam": {**PAPER},                                               # paper values, Adam 0.1 (old default)
     "lambda1_3": {**PAPER, "lambdas": [1, 3, 1]},                          # the old demo setting

@@ -22,17 +22,12 @@ from typing import Any, Sequence
 
 import yaml
 
-# The demo recipe: digits (embedded, 8x8), the small CNN, every class untrained in one round.
-# WF runs the paper's loss, chi, alpha init/clipping, optimizer default and evaluation schedule, with
-# two changes for a 1.3k-image, 8x8 training set (both measured, per-class results in the report):
-# * batch 128 without accumulation: 128 x 16 = 2,048 images per step is more than the whole set;
-# * lambda_1 = 3 instead of 10: the small CNN has 112 gated filters, and at 10 the forget term closes
-#   filters the other classes share - mean Acc_r 77.8% at (1,10,1) vs 94.1% at (1,3,1), Acc_f 0.0 for
-#   every class in both (40 epochs, seed 0). The paper's own MNIST VGG-16 row shows the same
-#   trade-off (Acc_r 73.2%). `--set lambdas=[1,10,1]` restores the paper's value.
+# The demo recipe: digits (embedded, 8x8), the small CNN, every class untrained in one round, WF's
+# defaults (docs/wf_fidelity.md) except batch 128 without accumulation: 128 x 16 = 2,048 images per step
+# is more than the whole 1.3k-image training set. `--set preset=paper` runs the paper's values.
 DEMO = {
     "model": "small_cnn", "data": "digits", "run_dir": "runs/demo", "seed": 0, "retrain": True,
-    "hparams": {"batch_size": 128, "grad_accum": 1, "max_epochs": 40, "lambdas": [1, 3, 1]},
+    "hparams": {"batch_size": 128, "grad_accum": 1, "max_epochs": 40},
 }
 
 EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPT = 1, 2, 130
