@@ -168,6 +168,33 @@ def test_changed_hparam_recomputes_with_a_true_record(tmp_path):
     assert c.metrics["fingerprint"] == b.metrics["fingerprint"]
 
 
+def test_changed_default_recomputes(tmp_path, monkeypatch):
+    """The fingerprint holds the resolved lambdas: a new default is not served by a file made under the old
+    one, and giving the default's value explicitly is the same run."""
+    import unlearn_fast.methods.wf as wf_mod
+
+    d = tmp_path / "run"
+    _wf(d)
+    first = read_metadata(d / "wf.safetensors")
+    assert first["hparams"]["lambdas"] == list(wf_mod.DEFAULT_CNN_LAMBDAS)
+    mtime = (d / "wf.safetensors").stat().st_mtime_ns
+    _wf(d, lambdas=list(wf_mod.DEFAULT_CNN_LAMBDAS))
+    assert (d / "wf.safetensors").stat().st_mtime_ns == mtime
+    monkeypatch.setattr(wf_mod, "DEFAULT_CNN_LAMBDAS", (1.0, 7.0, 1.0))
+    _wf(d)
+    after = read_metadata(d / "wf.safetensors")
+    assert after["hparams"]["lambdas"] == [1.0, 7.0, 1.0] and after["fingerprint"] != first["fingerprint"]
+    assert yaml.safe_load((d / "wf.hparams.yaml").read_text())["lambdas"] == [1.0, 7.0, 1.0]
+
+
+def test_paper_preset_resolves_the_papers_lambdas():
+    from unlearn_fast.methods.wf import default_lambdas
+
+    assert default_lambdas("small_cnn", "paper") == (1.0, 10.0, 1.0)
+    assert default_lambdas("small_cnn", None) == (1.0, 2.0, 1.0)
+    assert default_lambdas("vit_tiny", None) == default_lambdas("vit_tiny", "paper") == (1.0, 100.0, 1.0)
+
+
 def test_new_original_recipe_invalidates_everything_downstream(tmp_path):
     d = tmp_path / "run"
     _wf(d)
@@ -190,8 +217,8 @@ def test_stale_checkpoint_is_not_resumed(tmp_path):
     (d / "wf.safetensors").unlink()
     ck["loop"]["done"] = False
     ck["loop"]["steps"] = 12345
-    torch.save(ck, d / "state" / "wf.pt")  # looks interrupted, made with lambdas (1,10,1)
-    _wf(d, max_epochs=1, lambdas=[1, 2, 1])
+    torch.save(ck, d / "state" / "wf.pt")  # looks interrupted, made with the default lambdas (1,2,1)
+    _wf(d, max_epochs=1, lambdas=[1, 3, 1])
     assert load_state(d / "state" / "wf.pt")["fingerprint"] == read_metadata(d / "wf.safetensors")["fingerprint"]
     assert 0 < read_metadata(d / "wf.safetensors")["stages"]["wf untrain"]["steps"] < 12345
 

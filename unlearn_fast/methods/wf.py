@@ -377,14 +377,15 @@ class WF(Method):
             for a in wf.alpha_parameters():
                 if id(a) not in ids:
                     a.fill_(hp.alpha_init if hp.gate_norm else OPEN)
-        hp_rec = {"preset": self.preset, **self.hparams()}
+        lambdas = tuple(hp.lambdas) if hp.lambdas is not None else default_lambdas(ctx.model_name, self.preset)
+        # the resolved lambdas, not None: a change of the default must not reuse a stale wf.safetensors
+        hp_rec = {"preset": self.preset, **self.hparams(), "lambdas": [float(v) for v in lambdas]}
         fp = ctx.fingerprint("wf", hp_rec, {"original": artefact_meta(orig_path).get("digest")})
         if ctx.current(out, fp):
             from unlearn_fast.models.io import load_tensors
 
             wf.load_state_dict(load_tensors(out)[0], strict=False)
             return MethodOutput(wf, {"wf": out}, {"skipped": "exists"})
-        lambdas = tuple(hp.lambdas) if hp.lambdas is not None else default_lambdas(ctx.model_name, self.preset)
         if hp.untrain_split == "train":
             untrain_ds, stop_ds = ctx.data.train, ctx.data.val
         elif hp.untrain_split == "val":
