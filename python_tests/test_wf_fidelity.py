@@ -1,9 +1,10 @@
 """WF-Net fidelity guard (issue 13): with the WF defaults, every class is forgotten and the retained
 accuracy stays close to the original's, on a small generated many-class set (glyphs, 16 classes,
 12 px), seeded, CPU. A default change that lets mean Acc_r fall more than ``MARGIN`` points below the
-original, or leaves a class above ``ACC_F_MAX`` percent, fails here. Measured in this budget (8 epochs):
-defaults (unit gates) -8.6 points, before unit gates -9.7, the old defaults (paper levers, Adam 0.1)
--47.1, so the margin is a regression guard in a CPU budget, not the issue's 2-point goal. docs/wf_fidelity.md has the study behind the defaults."""
+original, or leaves a class above ``ACC_F_MAX`` percent, fails here. Measured in this budget (8 epochs,
+original 93.7): defaults (unit gates, lambda_1 2) -4.1 points, max Acc_f 8.3; lambda_1 10 (the previous
+default) -8.6; the paper levers with Adam 0.1 -47.1. The margin is a regression guard in a CPU budget,
+not the issue's 2-point goal; docs/wf_fidelity.md has the study behind the defaults."""
 from __future__ import annotations
 
 import shutil
@@ -16,7 +17,7 @@ from unlearn_fast.evaluation.wf_eval import gate_accuracy_table
 from unlearn_fast.methods import RunContext, create_method
 
 SPEC, IMG, N = "glyphs:16:60", 12, 16
-MARGIN = 11.0       # points of mean Acc_r the defaults may lose (measured: defaults -8.6, old defaults -47.1)
+MARGIN = 6.5        # points of mean Acc_r the defaults may lose (measured: defaults -4.1, lambda_1 10 -8.6)
 ACC_F_MAX = 10.0    # per-class Acc_f bound in % (a row has 12 test images: at most one still recognised)
 # Time caps only (not levers): the defaults of every fidelity lever apply.
 CAPS = {"batch_size": 64, "grad_accum": 1, "max_epochs": 8, "evals_per_epoch": 2, "min_steps": 0}
@@ -70,9 +71,16 @@ def test_defaults_forget_every_class_and_keep_retain_accuracy(setup):
     assert not fails, "; ".join(fails)
 
 
-def test_the_old_defaults_fail_the_same_check(setup):
-    """The guard can fail: the previous defaults (paper levers, Adam 0.1) lose far more retain accuracy."""
-    acc_f, acc_r = _untrain(setup, "old", select="loss", forget_stop=None, gate_norm=False)
-    print(f"old defaults: mean Acc_r {sum(acc_r) / N:.1f}, max Acc_f {max(acc_f):.1f}")
+PAPER_LAMBDAS = {"lambdas": [1, 10, 1]}
+
+
+@pytest.mark.parametrize("name,hp", [
+    ("lambda1_10", PAPER_LAMBDAS),                                                      # the previous default
+    ("paper_levers", {**PAPER_LAMBDAS, "select": "loss", "forget_stop": None, "gate_norm": False}),
+])
+def test_earlier_defaults_fail_the_same_check(setup, name, hp):
+    """The guard can fail: the earlier defaults lose more retain accuracy than MARGIN allows."""
+    acc_f, acc_r = _untrain(setup, name, **hp)
+    print(f"{name}: mean Acc_r {sum(acc_r) / N:.1f}, max Acc_f {max(acc_f):.1f}")
     fails = _check(setup, acc_f, acc_r)
-    assert any("mean Acc_r" in f for f in fails), f"old defaults passed: Acc_r {sum(acc_r) / N:.1f}"
+    assert any("mean Acc_r" in f for f in fails), f"{name} passed: Acc_r {sum(acc_r) / N:.1f}"
