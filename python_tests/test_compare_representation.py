@@ -89,10 +89,14 @@ def test_not_forgotten_flags_a_kept_class():
     metrics = {"forget": [2, 5], "order": ["original", "retrain", "m"],
                "rows": {"original": {"status": "ok", "per_class": {"TFA": {"2": 90.0, "5": 80.0}}},
                         "retrain": {"status": "ok", "per_class": {"TFA": {"2": 0.0, "5": 0.0}}},
-                        "m": {"status": "ok", "per_class": {"TFA": {"2": 3.0, "5": 79.0}, "FA": {"2": 1.0, "5": 81.0}}}}}
-    assert not_forgotten(metrics) == [("m", 5, 79.0, 80.0)]
+                        "m": {"status": "ok", "per_class": {"TFA": {"2": 3.0, "5": 79.0}, "FA": {"2": 1.0, "5": 81.0}}},
+                        "n": {"status": "ok", "per_class": {"TFA": {"2": 40.0, "5": 5.0}}}}}
+    metrics["order"].append("n")
+    # the health verdict's thresholds: >= 90% of the original's TFA fails, above 5% warns, 5% passes
+    assert not_forgotten(metrics) == [("m", 5, 79.0, 80.0, "not forgotten"), ("n", 2, 40.0, 90.0, "partly forgotten")]
     table = per_class_table_markdown(metrics, [str(i) for i in range(10)])
-    assert "79.00 ⚠" in table and "3.00 ⚠" not in table
+    assert "79.00 ⚠" in table and "40.00 ◐" in table
+    assert "3.00 ⚠" not in table and "3.00 ◐" not in table and "5.00 ◐" not in table
 
 
 def test_bad_options_fail_before_training(tmp_path):

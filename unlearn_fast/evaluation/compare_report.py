@@ -25,11 +25,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from unlearn_fast.evaluation.health import FORGET_TOL, NOT_MOVED  # noqa: E402
 from unlearn_fast.evaluation.plots import save_figure  # noqa: E402
 
 __all__ = ["compare_table_markdown", "representation_table_markdown", "per_class_table_markdown",
            "not_forgotten", "plot_cka_layers", "plot_compare_knn", "plot_tsne", "tsne_embed", "write_compare_report",
-           "TABLE_COLUMNS", "REPRESENTATION_COLUMNS", "NOT_FORGOTTEN_FRACTION"]
+           "TABLE_COLUMNS", "REPRESENTATION_COLUMNS"]
 
 # (column title, row key, format); lower is better for FA, TFA, CKA, JS; higher for the rest.
 TABLE_COLUMNS = (("FA↓", "FA", "{:.2f}"), ("RA↑", "RA", "{:.2f}"), ("TFA↓", "TFA", "{:.2f}"),
@@ -42,9 +43,6 @@ REPRESENTATION_COLUMNS = (("|IDI|↓", "IDI_abs", "{:.3f}"), ("Probe TFA↓", "p
                           ("Probe TRA↑", "probe_TRA", "{:.2f}"), ("kNN forget-ret.↓", "knn_forget_retrieval", "{:.2f}"),
                           ("kNN overlap w/ Original↓", "knn_overlap_original", "{:.1f}"), ("MIA", "MIA", "{:.2f}"),
                           ("Act-Dist", "ActDist", "{:.4f}"))
-
-# a forget class whose test accuracy stays at or above this fraction of the original's was not forgotten
-NOT_FORGOTTEN_FRACTION = 0.5
 
 _LABELS = {"original": "Original", "retrain": "Retrained"}
 
@@ -104,9 +102,10 @@ def representation_table_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def not_forgotten(metrics: dict[str, Any], fraction: float = NOT_FORGOTTEN_FRACTION) -> list[tuple[str, int, float, float]]:
-    """``(method, class, its TFA, the original's TFA)`` for every forget class whose test accuracy under a
-    method stays >= ``fraction`` x the original's (a class the method did not forget)."""
+def not_forgotten(metrics: dict[str, Any]) -> list[tuple[str, int, float, float, str]]:
+    """``(method, class, its TFA, the original's TFA, kind)`` for every forget class a method left above
+    health's ``FORGET_TOL`` %: kind "not forgotten" at or above ``NOT_MOVED`` x the original's TFA (a failed
+    verdict), else "partly forgotten" (a warning) - the report marks exactly what the verdict says."""
     orig = (metrics["rows"].get("original") or {}).get("per_class") or {}
     out = []
     for name, r in _ok_rows(metrics):
@@ -114,8 +113,10 @@ def not_forgotten(metrics: dict[str, Any], fraction: float = NOT_FORGOTTEN_FRACT
             continue
         for c, t in ((r.get("per_class") or {}).get("TFA") or {}).items():
             o = (orig.get("TFA") or {}).get(str(c))
-            if o is not None and t is not None and not math.isnan(o) and not math.isnan(t) and o > 0 and t >= fraction * o:
-                out.append((name, int(c), float(t), float(o)))
+            if o is None or t is None or math.isnan(o) or math.isnan(t) or t <= FORGET_TOL:
+                continue
+            kind = "not forgotten" if t >= NOT_MOVED * o else "partly forgotten"
+            out.append((name, int(c), float(t), float(o), kind))
     return out
 
 
@@ -126,7 +127,7 @@ def per_class_table_markdown(metrics: dict[str, Any], class_names: Sequence[str]
     classes = [int(c) for c in metrics.get("forget", [])]
     if not rows or not classes or not any(r.get("per_class") for _, r in rows):
         return ""
-    flags = {(n, c) for n, c, _, _ in not_forgotten(metrics)}
+    flags = {(n, c): kind for n, c, _, _, kind in not_forgotten(metrics)}
     nm = lambda c: f"{c} ({class_names[c]})" if c < len(class_names) and str(class_names[c]) != str(c) else str(c)  # noqa: E731
     head = "| Method | " + " | ".join(f"class {nm(c)}: FA / TFA | JS / Act-Dist" for c in classes) + " |"
     lines = [head, "|" + "---|" * (2 * len(classes) + 1)]
@@ -135,7 +136,7 @@ def per_class_table_markdown(metrics: dict[str, Any], class_names: Sequence[str]
         cells = []
         for c in classes:
             v = {k: (pc.get(k) or {}).get(str(c)) for k in ("FA", "TFA", "JS", "ActDist")}
-            mark = " ⚠" if (name, c) in flags else ""
+            mark = {"not forgotten": " ⚠", "partly forgotten": " ◐"}.get(flags.get((name, c)), "")
             cells.append(f"{_fmt(v['FA'], '{:.2f}')} / {_fmt(v['TFA'], '{:.2f}')}{mark}")
             cells.append(f"{_fmt(v['JS'], '{:.4f}')} / {_fmt(v['ActDist'], '{:.4f}')}")
         lines.append(f"| {_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
@@ -282,11 +283,13 @@ def write_compare_report(run_dir: str | Path, metrics: dict[str, Any], figures: 
     if pc:
         lines += ["## Per forget class", "",
                   f"FA / TFA (%) of each forget class; JS / Act-Dist to the retrained model on its test samples. "
-                  f"⚠: TFA at or above {NOT_FORGOTTEN_FRACTION:.0%} of the original's - the class was not forgotten.",
+                  f"⚠: TFA at or above {NOT_MOVED:.0%} of the original's - the class was not forgotten; ◐: TFA above "
+                  f"{FORGET_TOL:.0f}% - only partly forgotten (the health verdict's thresholds).",
                   "", pc, ""]
         nf = not_forgotten(metrics)
         if nf:
-            lines += ["Not forgotten: " + "; ".join(f"`{n}` class {c} (TFA {t:.2f}, original {o:.2f})" for n, c, t, o in nf), ""]
+            lines += ["Not fully forgotten: " + "; ".join(f"`{n}` class {c}: {kind} (TFA {t:.2f}, original {o:.2f})"
+                                                          for n, c, t, o, kind in nf), ""]
     pre = [r["ec_pretrain_s"] for r in metrics["rows"].values() if r.get("ec_pretrain_s") is not None]
     if pre:
         lines += [f"EC-family times (`ec`, `*+ec`) include the SupCon pre-training of the EC modules ({pre[0]:.1f} s): "
