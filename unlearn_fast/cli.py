@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from unlearn_fast.config_keys import COMMAND_KEYS, COMPARE_API_KEYS, RUN_KEYS, TRAIN_KEYS
+
 # The demo recipe: digits (embedded, 8x8), the small CNN, every class untrained in one round, WF's
 # defaults (docs/wf_fidelity.md) with two changes for a 1.3k-image, 8x8 training set (both measured):
 # * batch 128 without accumulation: 128 x 16 = 2,048 images per step is more than the whole set;
@@ -128,9 +130,6 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
                         "recorded in the artefacts' fingerprints)")
 
 
-_RUN_KEYS = ("workers", "channels_last", "bf16")
-
-
 def _eval_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-splits", dest="eval_splits", help="splits WF is evaluated on: test[,train][,val] (default test,train)")
     p.add_argument("--eval-train-max", dest="eval_train_max", type=int,
@@ -188,19 +187,15 @@ def _train_kwargs(cfg: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     return kw
 
 
-_TRAIN_KEYS = ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain", "max_per_class",
-               "data_fraction", "forget", "eval_splits", "eval_train_max", "weights", "feature_layers", *_RUN_KEYS)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["run_dir", "device", "threads", "model", "data", "seed", "retrain", *_RUN_KEYS], DEMO)
+    cfg = _merged(args, COMMAND_KEYS["demo"], DEMO)
     # Measured here: one WF step of the small CNN took 40 ms on 1 thread and 660 ms on 2 busy cores.
     _set_threads(cfg.get("threads") or 1)
     t0 = time.perf_counter()
     res = unlearn_fast.train(method="wf", progress=not args.quiet, original_hparams=cfg.get("original_hparams"),
-                             **_train_kwargs(cfg, _TRAIN_KEYS), **cfg["hparams"])
+                             **_train_kwargs(cfg, TRAIN_KEYS), **cfg["hparams"])
     _print_summary(res.metrics)
     _print_health(res.health)
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; report: {res.run_dir / 'report.md'}")
@@ -210,9 +205,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["method", *_TRAIN_KEYS, "threads"])
+    cfg = _merged(args, COMMAND_KEYS["train"])
     _set_threads(cfg.get("threads"))
-    kw = _train_kwargs(cfg, _TRAIN_KEYS)
+    kw = _train_kwargs(cfg, TRAIN_KEYS)
     if args.no_eval:
         kw["evaluate"] = False
     if isinstance(kw.get("forget"), list):
@@ -237,8 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import unlearn_fast
 
-    cfg = _merged(args, ["run_dir", "device", "batch_size", "insertion_steps", "threads", "eval_splits", "eval_train_max",
-                         "representation", "knn_data", *_RUN_KEYS])
+    cfg = _merged(args, COMMAND_KEYS["evaluate"])
     _set_threads(cfg.get("threads"))
     if not cfg.get("run_dir"):
         raise InputError("evaluate needs --run-dir")
@@ -247,7 +241,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         kw["splits"] = _splits(cfg["eval_splits"])
     if cfg.get("eval_train_max") is not None:
         kw["train_max"] = cfg["eval_train_max"]
-    for k in ("representation", "knn_data", *_RUN_KEYS):
+    for k in ("representation", "knn_data", *RUN_KEYS):
         if cfg.get(k) is not None:
             kw[k] = cfg[k]
     m = unlearn_fast.evaluate(cfg["run_dir"], device=cfg.get("device"), batch_size=cfg.get("batch_size", 512),
@@ -315,8 +309,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import unlearn_fast
     from unlearn_fast.evaluation.compare_report import compare_table_markdown
 
-    keys = ["run_dir", "device", "model", "data", "seed", "img_size", "in_chans", "forget", "methods", "tsne_method", "threads",
-            "max_per_class", "data_fraction", "representation", "knn_data", "idi", "weights", "feature_layers", *_RUN_KEYS]
+    keys = COMMAND_KEYS["compare"]
     file_cfg = _load_config(getattr(args, "config", None), [*keys, "hparams", "original_hparams"])
     cfg = {**file_cfg, **{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}}
     _set_threads(cfg.get("threads"))
@@ -332,10 +325,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise InputError("compare needs --methods (e.g. ft,ga,ec) and --forget (e.g. 1,3 | random:2 | similar:2:SPEC)")
     forget = cfg["forget"]
     forget = ",".join(map(str, forget)) if isinstance(forget, list) else str(forget)
-    kw = {k: cfg[k] for k in ("model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "tsne_method",
-                              "max_per_class", "data_fraction", "representation", "knn_data", "weights",
-                              "feature_layers", *_RUN_KEYS)
-          if cfg.get(k) is not None}
+    kw = {k: cfg[k] for k in COMPARE_API_KEYS if cfg.get(k) is not None}
     if cfg.get("idi") is not None:
         kw["representation_options"] = {"idi": cfg["idi"]}
     res = unlearn_fast.compare(methods=methods, forget=forget, hparams=hp,

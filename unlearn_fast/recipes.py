@@ -37,20 +37,15 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from unlearn_fast.config_keys import COMMAND_KEYS
+
 __all__ = ["Recipe", "MetricCheck", "CheckResult", "COMMANDS", "CONFIG_KEYS", "DATA_ENV", "recipe_dir",
            "list_recipes", "load", "load_file", "validate", "resolve_data_root", "resolve", "run", "check",
            "metric_value", "format_check", "format_list"]
 
 COMMANDS = ("demo", "train", "compare")
-# The keys each command's --config file accepts (besides hparams / original_hparams), as in cli.py;
-# python_tests/test_recipes.py compares them with the keys the CLI itself lists.
-CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "demo": ("run_dir", "device", "threads", "model", "data", "seed", "retrain"),
-    "train": ("method", "model", "data", "run_dir", "device", "seed", "img_size", "in_chans", "retrain",
-              "max_per_class", "data_fraction", "forget", "eval_splits", "eval_train_max", "threads"),
-    "compare": ("run_dir", "device", "model", "data", "seed", "img_size", "in_chans", "forget", "methods",
-                "tsne_method", "threads", "max_per_class", "data_fraction", "representation", "knn_data", "idi"),
-}
+# The keys each command's --config file accepts (besides hparams / original_hparams): the CLI's own table.
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {c: COMMAND_KEYS[c] for c in COMMANDS}
 TOP_KEYS = ("description", "command", "runs_on", "options", "expect", "health", "measured", "source", "margin", "notes")
 MEASURED_KEYS = ("hardware", "date", "command", "wall_s", "values")
 MEASURED_OPTIONAL = ("cpu_s", "load")  # CPU seconds (user + sys) and the machine's load while measuring
