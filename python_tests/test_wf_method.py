@@ -69,7 +69,7 @@ def test_regularizer_forms_match_references():
     w = [1.0, 2.0, 5.0]
     got = float(gate_regularizer(layers, "sqrt", w).detach())
     assert got == pytest.approx(float(np.dot(w, per_sqrt) / sum(w)), rel=1e-5)
-    assert float(gate_regularizer(layers, "layer_mean", gate_bias=False)) == pytest.approx(np.mean(per_no_bias), rel=1e-5)
+    assert float(gate_regularizer(layers, "layer_mean", gate_bias=False).detach()) == pytest.approx(np.mean(per_no_bias), rel=1e-5)
     with pytest.raises(ValueError, match="layers"):
         gate_regularizer(layers, "layer_mean", [1.0, 2.0])
     assert [n for n, _ in gated_layers(wf, "skip_first")] == [n for n, _ in layers][1:]
