@@ -11,7 +11,9 @@ layer x layer matrix (issue 9 item 7), beside pytorch-cka 1.1.3 on the same task
 
 Variants: ``exact_avg`` (EC App. B.6 features: globally average-pooled; exact streaming CKA),
 ``minibatch_avg``, ``minibatch_flatten`` (flattened feature maps: pytorch-cka's task; the exact form
-would need 8 GB of statistics there and is refused), ``pytorch_cka`` (flattened, its only mode).
+would need 8 GB of statistics there and is refused), ``pytorch_cka`` (flattened, its only mode); the
+``_b256`` variants repeat the flattened task with minibatches of 256 instead of 1,000 (the Gram
+matrices cost n d per image, so their share of the time falls with the minibatch size).
 
 CPU: one thread, ``UNLEARN_FAST_BENCH_CKA_N`` images (default 2,000 = two batches of 1,000; every
 cost here is per batch, so the ratios do not depend on n); GPU: 10,000 images. Synthetic inputs and
@@ -43,11 +45,14 @@ BATCH = 1000
 REPS = 3
 LAYERS = ["conv1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1",
           "avgpool", "fc"]
-VARIANTS = {  # name: (estimator, pool)
-    "exact_avg": ("exact", "avg"),
-    "minibatch_avg": ("minibatch", "avg"),
-    "minibatch_flatten": ("minibatch", "flatten"),
+VARIANTS = {  # name: (estimator, pool, minibatch size)
+    "exact_avg": ("exact", "avg", BATCH),
+    "minibatch_avg": ("minibatch", "avg", BATCH),
+    "minibatch_flatten": ("minibatch", "flatten", BATCH),
+    # the Gram matrices cost n^2 d per minibatch, i.e. n d per image: at 256 a quarter of the 1,000 rows' cost
+    "minibatch_flatten_b256": ("minibatch", "flatten", 256),
 }
+PYTORCH_CKA = {"pytorch_cka": BATCH, "pytorch_cka_b256": 256}  # pytorch-cka 1.1.3: flattened, minibatch only
 
 pytestmark = pytest.mark.skipif(ON_GPU and not _ext.HAS_C_CUDA,
                                 reason="the CUDA part of unlearn_fast._C was not compiled")
@@ -192,15 +197,19 @@ def _context() -> dict:
             "target_ratio": 1.10, "target_max_abs_err": 1e-6}
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "pytorch_cka"])
+@pytest.mark.parametrize("variant", [*VARIANTS, *PYTORCH_CKA])
 def test_bench_cka_resnet18(record, setup, variant):
     a, b, batches = setup
-    fwd = lambda: _forwards(a, b, batches)  # noqa: E731
-    if variant == "pytorch_cka":
-        fn = lambda: _pytorch_cka(a, b, batches)  # noqa: E731
-        pool, estimator = "flatten", "minibatch"
+    if variant in PYTORCH_CKA:
+        pool, estimator, size = "flatten", "minibatch", PYTORCH_CKA[variant]
     else:
-        estimator, pool = VARIANTS[variant]
+        estimator, pool, size = VARIANTS[variant]
+    if size != BATCH:
+        batches = list(torch.cat(batches).split(size))
+    fwd = lambda: _forwards(a, b, batches)  # noqa: E731
+    if variant in PYTORCH_CKA:
+        fn = lambda: _pytorch_cka(a, b, batches)  # noqa: E731
+    else:
         fn = lambda: _ours(a, b, batches, estimator, pool)  # noqa: E731
     timing = _ratio_interleaved(fn, fwd)
     got = fn()
@@ -208,12 +217,12 @@ def test_bench_cka_resnet18(record, setup, variant):
     feats = _features(a, b, batches, pool)
     want = _exact_f64(feats) if estimator == "exact" else _minibatch_f64(feats)
     err = float(np.abs(got - want).max())
-    record(f"cka_resnet18_32px_{variant}", {**_context(), **timing, "estimator": estimator, "pool": pool,
+    record(f"cka_resnet18_32px_{variant}", {**_context(), **timing, "estimator": estimator, "pool": pool, "batch": size,
                                             "max_abs_err_vs_float64": err,
                                             "cka_diag": [round(float(v), 6) for v in np.diag(got)]})
     print(f"\n{variant}: ratio {timing['ratio_to_forward']:.3f}x (reps {[round(r, 3) for r in timing['ratios']]}), "
           f"forward {timing['forward_passes_s']:.2f} s, max |err| vs float64 {err:.2e}")
-    if variant != "pytorch_cka":  # ours must agree with float64 to 1e-6; pytorch-cka is float32 and clamped
+    if variant not in PYTORCH_CKA:  # ours must agree with float64 to 1e-6; pytorch-cka is float32 and clamped
         assert err < 1e-6
 
 
