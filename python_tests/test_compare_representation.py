@@ -104,7 +104,12 @@ def test_bad_options_fail_before_training(tmp_path):
         unlearn_fast.compare(methods=["ga"], run_dir=tmp_path / "a", representation="idi,cka", **FAST)
     with pytest.raises(ValueError, match="cannot load the downstream dataset"):
         unlearn_fast.compare(methods=["ga"], run_dir=tmp_path / "b", knn_data="folder:/no/such", **FAST)
-    assert not (tmp_path / "a" / "original.safetensors").exists() and not (tmp_path / "b" / "original.safetensors").exists()
+    with pytest.raises(ValueError, match="out-of-distribution surrogate"):  # a method's own input check, before work
+        unlearn_fast.compare(methods=["ga", "scar"], run_dir=tmp_path / "c", **FAST)
+    with pytest.raises(ValueError, match="run's own dataset"):
+        unlearn_fast.compare(methods=["scar"], run_dir=tmp_path / "d", hparams={"scar": {"surrogate": "digits"}}, **FAST)
+    for d in "abcd":
+        assert not (tmp_path / d / "original.safetensors").exists() and not (tmp_path / d / "ga.safetensors").exists()
 
 
 def test_wf_representation_per_class(cmp):

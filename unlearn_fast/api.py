@@ -91,6 +91,7 @@ def train(method: str = "wf", model: str = "small_cnn", data: str = "digits", ru
     ctx, run_dir = plan.ctx, plan.run_dir
     ctx.apply_run_options(opts)
     forget_classes = precheck_forget_request(forget, ctx) if forget is not None else None
+    meth.check_inputs(ctx.data)
 
     with RunLock(run_dir):
         open_run(plan)

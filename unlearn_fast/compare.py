@@ -183,6 +183,8 @@ def compare(methods: Sequence[str], model: str = "small_cnn", data: str = "digit
     ctx.apply_run_options(run_opts)
     seed = cfg.get("seed", seed)
     pre = precheck_forget_request(forget, ctx)
+    for meth in created.values():
+        meth.check_inputs(ctx.data)
     from unlearn_fast.evaluation.representation import RepresentationOptions, prepare_cache
 
     rep_opts = RepresentationOptions.make(representation, knn_data, **(representation_options or {}))

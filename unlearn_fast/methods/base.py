@@ -172,5 +172,9 @@ class Method:
     def hparams(self) -> dict[str, Any]:
         return asdict(self.hp)
 
+    def check_inputs(self, data: Any) -> None:
+        """Refuse settings that cannot work with this run's data (a ``DataBundle``) with one clear
+        ValueError - called by ``train`` / ``compare`` before any training or write. Default: nothing to check."""
+
     def run(self, ctx: RunContext) -> MethodOutput:  # pragma: no cover - interface
         raise NotImplementedError

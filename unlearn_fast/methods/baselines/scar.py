@@ -172,7 +172,7 @@ class Scar(UnlearningMethod):
         # EC Table 10: lambda_1 5, lambda_2 5, gamma_1 = gamma_2 = 3 (the last three are the defaults)
         return {"ec_table10": {"lambda_1": 5.0, "lambda_2": 5.0, "gamma1": 3.0, "gamma2": 3.0}}
 
-    def check_surrogate(self, u: UnlearnContext) -> None:
+    def check_inputs(self, data) -> None:
         """Refuse a missing or in-distribution surrogate before any work (see the module docstring)."""
         spec = self.hp.surrogate
         if spec is None:
@@ -187,7 +187,7 @@ class Scar(UnlearningMethod):
         from unlearn_fast.data.registry import parse_spec
 
         kind, path = parse_spec(spec)  # raises on a malformed spec
-        if (kind if path is None else f"{kind}:{path}") == u.data.name:
+        if (kind if path is None else f"{kind}:{path}") == data.name:
             raise ValueError(f"scar: surrogate {spec!r} is the run's own dataset; pass out-of-distribution images "
                              "(another data spec, e.g. 'glyphs')")
 
@@ -209,7 +209,7 @@ class Scar(UnlearningMethod):
         hp = self.hp
         if hp.stats_from not in ("retain", "surrogate"):
             raise ValueError(f"scar: stats_from must be 'retain' or 'surrogate', got {hp.stats_from!r}")
-        self.check_surrogate(u)
+        self.check_inputs(u.data)
         model, teacher = u.copy_original(), u.original
         fset, sset = u.forget_set(), self._surrogate(u)
         phi_s, y_s = dataset_features(teacher, u.retain_set() if hp.stats_from == "retain" else sset, u.device)
