@@ -2,7 +2,6 @@
 rows baked into a plain model), IDI / probe / k-NN / MIA per row, per-class FA / TFA / JS / Act-Dist,
 the H-Mean over every computed EC score with its list, the report sections and EC Fig. 4."""
 import json
-import math
 
 import pytest
 import torch
