@@ -165,8 +165,8 @@ def _cka_work_timed(variant: str):
 def _ratio_in_run(fn, variant: str) -> dict:
     """CPU: REPS runs of ``fn`` with the CKA work timed inside each; ratio = run / (run - CKA work), i.e.
     to the same run's forward passes. Both terms come from one run, so the machine's drift between runs
-    (+-15% here) cancels instead of entering as the difference of two separate measurements."""
-    fn()
+    (+-15% here) cancels instead of entering as the difference of two separate measurements. Runs after
+    :func:`_ratio_interleaved`, which has warmed ``fn`` up."""
     ratios, shares = [], []
     for _ in range(REPS):
         with _cka_work_timed(variant) as sw:
@@ -179,7 +179,8 @@ def _ratio_in_run(fn, variant: str) -> dict:
 
 def _timed(fn) -> tuple[float, float]:
     """(wall seconds, this process's CPU seconds). On the CPU, with one thread, CPU time is the cost of
-    the work itself: a shared machine's other load shows in wall time only."""
+    the work itself, less exposed to a shared machine's other load than wall time (not immune: the same
+    work scattered by +-15% here, see :func:`_ratio_in_run`)."""
     _sync()
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
